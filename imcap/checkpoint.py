@@ -1,0 +1,162 @@
+"""Checkpoints: safetensors tensors + one JSON file, never pickles; written as a whole or not at all.
+
+A checkpoint is a directory:
+    model.safetensors       the decoder's weights
+    optimizer.safetensors   optimizer state tensors and the torch RNG state (training checkpoints only)
+    checkpoint.json         configs, vocabulary, encoder spec, progress, metrics, optimizer hyper-parameters
+
+It is written to `<dir>.tmp`, then swapped in with renames; `<dir>.old` is the previous one and is
+used if a kill landed between the two renames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "imcap-checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("format", "version", "model_config", "vocab", "encoder")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, incomplete or not one of ours; the message is one line."""
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON through a temp file and os.replace, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    meta: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write model weights, meta (JSON-able) and optionally optimizer + RNG state to directory `path`."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / "model.safetensors")
+    meta = {"format": FORMAT, "version": VERSION, **meta}
+    if optimizer is not None:
+        tensors, meta["optimizer"] = _flatten_optimizer(optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, tmp / "optimizer.safetensors")
+    write_json_atomic(tmp / "checkpoint.json", meta)
+    _fsync_dir(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read (meta, model weights) from a checkpoint directory, validating what it can."""
+    path = _existing(Path(path))
+    meta_file = path / "checkpoint.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint (no checkpoint.json)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: malformed JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: not an imcap checkpoint")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_file}: missing keys {', '.join(missing)}")
+    if meta["version"] > VERSION:
+        raise CheckpointError(f"{meta_file}: written by a newer imcap (format version {meta['version']})")
+    return meta, _load_tensors(path / "model.safetensors")
+
+
+def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """Restore optimizer state and the torch RNG from a training checkpoint."""
+    tensors = _load_tensors(_existing(Path(path)) / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+
+
+def find_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:
+    """RUN_DIR/best (or RUN_DIR/checkpoint), or RUN_DIR itself when it is a checkpoint directory."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoint.json").is_file():
+        return run_dir
+    for name in (which, "checkpoint" if which == "best" else "best"):
+        for candidate in (run_dir / name, run_dir / f"{name}.old"):
+            if (candidate / "checkpoint.json").is_file():
+                return candidate
+    if not run_dir.exists():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    raise CheckpointError(f"{run_dir}: no checkpoint in this directory (train first: imcap train DATA_DIR --out {run_dir})")
+
+
+def _existing(path: Path) -> Path:
+    if path.is_dir():
+        return path
+    old = path.with_name(path.name + ".old")
+    if old.is_dir():  # killed between the renames of save_checkpoint
+        return old
+    raise CheckpointError(f"{path}: no such checkpoint directory")
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in saved.get("scalars", {}).items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,264 @@
+"""The `imcap` command: parses arguments and calls the Python API; user mistakes become one-line errors.
+
+Exit status: 0 success; 1 the job ran but something failed (e.g. some images could not be captioned,
+a data file is malformed); 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_synth(a) -> int:
+    from .synth import make_scenes
+
+    path = make_scenes(a.out_dir, n_images=a.images, seed=a.seed, image_size=a.image_size, progress=not a.quiet)
+    print(f"wrote {a.images} synthetic scenes: {path}")
+    return EXIT_OK
+
+
+def cmd_prepare(a) -> int:
+    from .datasets import format_summary, prepare
+
+    report = prepare(a.source, a.format, a.out, images=a.images, language=a.language, min_count=a.min_count,
+                     max_length=a.max_length, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
+                     seed=a.seed, split=a.split, vocab=a.vocab, progress=not a.quiet)
+    print(format_summary(report))
+    return EXIT_OK
+
+
+def cmd_features(a) -> int:
+    from .features import extract_features
+
+    summary = extract_features(a.data_dir, encoder=a.encoder, image_size=a.image_size, batch_size=a.batch_size,
+                               threads=a.threads, progress=not a.quiet, overwrite=a.overwrite)
+    failed = summary.get("failed", [])
+    print(f"features: {summary['done']} images in {summary['path']} "
+          f"({summary['images_per_s']:.1f} images/s, {summary['bytes_per_image']:,} bytes/image); {len(failed)} failed")
+    return EXIT_FAILED if failed and summary.get("new_failures") else EXIT_OK
+
+
+def cmd_train(a) -> int:
+    from .train import TrainConfig, train
+
+    _threads(a.threads)
+    model_config = {k: v for k, v in {
+        "embed_dim": a.embed_dim, "hidden_dim": a.hidden_dim, "attention_dim": a.attention_dim, "rnn": a.rnn,
+        "dropout": a.dropout, "gate": a.gate, "deep_output": a.deep_output}.items() if v is not None}
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: getattr(a, k) for k in fields if getattr(a, k, None) is not None})
+    summary = train(a.data_dir, a.out, model_config=model_config, train_config=cfg, features=a.features,
+                    progress=not a.quiet)
+    best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best_val"].items())
+    print(f"training stopped ({summary['stopped']}) after {summary['epochs']} epochs; "
+          f"best epoch {summary['best_epoch']}: {best or 'no validation split'}; run: {summary['out_dir']}")
+    return EXIT_OK
+
+
+def _decoding(a):
+    from .decoding import DecodingOptions
+
+    return DecodingOptions(beam_size=a.beam, max_length=a.max_length, length_penalty=a.length_penalty,
+                           n_best=getattr(a, "n_best", 1))
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate
+
+    _threads(a.threads)
+    report = evaluate(a.run_dir, a.data, split=a.split, options=_decoding(a), limit=a.limit)
+    if a.json:
+        print(json.dumps(report["scores"]))
+    else:
+        print(f"{report['split']}: {report['images']} images, beam {a.beam}")
+        for k, v in report["scores"].items():
+            print(f"  {k:8s} {'n/a' if v is None else f'{v:.4f}'}")
+    return EXIT_OK
+
+
+def cmd_caption(a) -> int:
+    from .api import Captioner
+
+    _threads(a.threads)
+    captioner = Captioner.load(a.run_dir)
+    options = _decoding(a)
+    failed = 0
+    if a.attention:
+        Path(a.attention).mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(a.images), a.batch_size):
+        chunk = a.images[start : start + a.batch_size]
+        results = captioner.caption(chunk, beam_size=options.beam_size, max_length=options.max_length,
+                                    length_penalty=options.length_penalty, n_best=options.n_best)
+        for r in results:
+            failed += r.error is not None
+            _print_caption(r, a.json)
+            if a.attention and r.error is None:
+                _save_attention(captioner, r, Path(a.attention))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _print_caption(r, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(r.to_dict(), ensure_ascii=False), flush=True)
+    elif r.error:
+        print(f"imcap: error: {r.error}", file=sys.stderr, flush=True)
+    else:
+        print(f"{r.image}\t{r.caption}\t{r.score:.3f}", flush=True)
+        for alt in r.alternatives:
+            print(f"{'':{len(r.image)}}\t{alt.caption}\t{alt.score:.3f}", flush=True)
+
+
+def _save_attention(captioner, r, out_dir: Path) -> Path:
+    from .images import load_image
+    from .visualize import save_attention_figure
+
+    tokens = r.tokens + (["<end>"] if r.finished else [])
+    path = out_dir / (Path(r.image).stem + ".attention.png")
+    save_attention_figure(path, load_image(r.image), tokens, r.alphas, caption=r.caption)
+    return path
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    _threads(a.threads)
+    return run_demo(a.out, n_images=a.images, epochs=a.epochs, seed=a.seed, progress=not a.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imcap", description="Show, Attend and Tell image captioning")
+    p.add_argument("--version", action="version", version=f"imcap {__import__('imcap').__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write the synthetic scenes dataset (Karpathy JSON + images)")
+    s.add_argument("out_dir", help="output folder")
+    s.add_argument("--images", type=int, default=1000, help="number of scenes")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same scenes)")
+    s.add_argument("--image-size", type=int, default=224, help="scene side in pixels")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("prepare", help="read a caption dataset, tokenize, split, build the vocabulary")
+    s.add_argument("source", help="caption file (karpathy/coco/aic JSON, lines file) or the flickr8k folder")
+    s.add_argument("--format", required=True, choices=["karpathy", "coco", "flickr8k", "aic", "lines"], help="source format")
+    s.add_argument("--images", help="image folder, when not beside SOURCE")
+    s.add_argument("--out", required=True, help="DATA_DIR to write")
+    s.add_argument("--language", choices=["en", "zh", "space", "vi"], help="tokenizer (default: zh for aic, else en)")
+    s.add_argument("--min-count", type=int, default=5, help="words seen fewer times in train become <unk>")
+    s.add_argument("--max-length", type=int, default=30, help="words kept per caption for training")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="share of images for val when the source has no split")
+    s.add_argument("--test-fraction", type=float, default=0.1, help="share of images for test when the source has no split")
+    s.add_argument("--seed", type=int, default=0, help="seed of those splits")
+    s.add_argument("--split", choices=["train", "val", "test"], help="put every image in this split")
+    s.add_argument("--vocab", help="reuse this vocab.json instead of building one")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("features", help="run the CNN over every image once and cache the grids")
+    s.add_argument("data_dir", help="DATA_DIR written by prepare")
+    s.add_argument("--encoder", default="efficientnet-lite0", choices=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"], help="pretrained CNN")
+    s.add_argument("--image-size", type=int, default=224, help="input side in pixels: 224 -> 7x7 grid, 448 -> 14x14")
+    s.add_argument("--batch-size", type=int, default=32, help="images per CNN batch")
+    s.add_argument("--overwrite", action="store_true", help="discard an existing store made differently")
+    s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("train", help="train the attention decoder on cached features (resumes RUN_DIR)")
+    s.add_argument("data_dir", help="DATA_DIR with features")
+    s.add_argument("--out", required=True, help="RUN_DIR for checkpoints and logs")
+    s.add_argument("--features", help="feature store to use, e.g. efficientnet-lite0-224 (default: the only one)")
+    s.add_argument("--epochs", type=int, help="maximum epochs (default 20; may be raised when resuming)")
+    s.add_argument("--batch-size", type=int, help="captions per batch (default 64)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default 4e-4)")
+    s.add_argument("--lr-schedule", choices=["cosine", "constant"], help="learning-rate schedule (default cosine)")
+    s.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 100)")
+    s.add_argument("--grad-clip", type=float, help="max gradient norm (default 5)")
+    s.add_argument("--alpha-c", type=float, help="doubly stochastic attention weight lambda (default 1)")
+    s.add_argument("--label-smoothing", type=float, help="label smoothing (default 0)")
+    s.add_argument("--patience", type=int, help="epochs without better val CIDEr before stopping (default 5; 0 never)")
+    s.add_argument("--val-beam", type=int, help="beam size of validation decoding (default 1: greedy)")
+    s.add_argument("--val-images", type=int, help="validate on at most N images (default all)")
+    s.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: epoch ends)")
+    s.add_argument("--seed", type=int, help="seed of initialisation, batch order, dropout (default 0)")
+    s.add_argument("--embed-dim", type=int, help="word embedding size m (default 256)")
+    s.add_argument("--hidden-dim", type=int, help="recurrent state size n (default 512)")
+    s.add_argument("--attention-dim", type=int, help="attention MLP size (default 512)")
+    s.add_argument("--rnn", choices=["lstm", "gru"], help="recurrent cell (default lstm)")
+    s.add_argument("--dropout", type=float, help="dropout before the output layer (default 0.5)")
+    s.add_argument("--no-gate", dest="gate", action="store_false", default=None, help="drop the gating scalar beta")
+    s.add_argument("--no-deep-output", dest="deep_output", action="store_false", default=None, help="predict words from h alone")
+    s.set_defaults(func=cmd_train)
+
+    for name, helptext in (("evaluate", "score a run on a split (BLEU-1..4, METEOR, ROUGE_L, CIDEr)"),
+                           ("caption", "caption image files")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("run_dir", help="RUN_DIR (its best checkpoint) or a checkpoint directory")
+        s.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
+        s.add_argument("--max-length", type=int, default=30, help="maximum words per caption")
+        s.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty exponent (0: none)")
+        s.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "evaluate":
+            s.add_argument("--data", help="DATA_DIR (default: the one the run was trained on)")
+            s.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")
+            s.add_argument("--limit", type=int, default=0, help="score only the first N images")
+            s.set_defaults(func=cmd_evaluate)
+        else:
+            s.add_argument("images", nargs="+", help="image files")
+            s.add_argument("--n-best", type=int, default=1, help="captions per image (<= beam)")
+            s.add_argument("--attention", metavar="OUT_DIR", help="write one attention figure per image here")
+            s.add_argument("--batch-size", type=int, default=16, help="images per batch")
+            s.set_defaults(func=cmd_caption)
+
+    s = sub.add_parser("demo", help="synth -> prepare -> features -> train -> evaluate -> caption, on synthetic scenes")
+    s.add_argument("--out", default="demo-out", help="folder for everything the demo writes")
+    s.add_argument("--images", type=int, default=1200, help="number of synthetic scenes")
+    s.add_argument("--epochs", type=int, default=12, help="training epochs")
+    s.add_argument("--seed", type=int, default=0, help="seed")
+    s.set_defaults(func=cmd_demo)
+
+    for s in sub.choices.values():
+        s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+        s.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .images import ImageError
+
+    user_errors: tuple[type[BaseException], ...] = (CheckpointError, ImageError, ValueError, FileNotFoundError,
+                                                    NotADirectoryError, PermissionError, ImportError)
+    try:
+        from .datasets import DatasetError
+
+        user_errors += (DatasetError,)
+    except ImportError:
+        pass
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    try:
+        return args.func(args)
+    except user_errors as e:
+        if os.environ.get("IMCAP_DEBUG"):
+            raise
+        print(f"imcap {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"imcap {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The Show, Attend and Tell decoder (Xu et al. 2015, section 3), in one file.
+
+Notation (the paper's):
+    features  a        (B, P, D)  annotation vectors, one per grid location (P = H * W)
+    alpha              (B, P)     attention weights over locations at one step, sum to 1
+    beta               (B, 1)     gating scalar, beta = sigmoid(f_beta(h_{t-1}))
+    context   z_hat    (B, D)     beta * sum_i alpha_i a_i
+    h, c               (B, n)     recurrent state
+    E y_{t-1}          (B, m)     embedding of the previous word
+
+Equations:
+    h0 = tanh(f_init_h(mean_i a_i)),  c0 = tanh(f_init_c(mean_i a_i))
+    e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b)        (W_a a is computed once per image)
+    alpha_t = softmax(e_t)
+    (h_t, c_t) = LSTM([E y_{t-1}; z_hat_t], (h_{t-1}, c_{t-1}))
+    p(y_t) = softmax(L_o(dropout(tanh(E y_{t-1} + L_h h_t + L_z z_hat_t))))      (deep output, eq. 7)
+
+The tanh inside the deep output follows the authors' reference code (arctic-captions); the paper's
+equation 7 leaves it implicit. A GRU replaces the LSTM with `rnn="gru"` (its state is then just h).
+
+Search (greedy, beam) lives in decoding.py and drives the model through a small contract:
+    memory = model.attend_memory(features)      # per-image work done once: projections, mean
+    state  = model.init_state(memory)           # tuple of (B, n) tensors
+    log_probs, state, alpha = model.step(tokens, state, memory)
+Search reorders rows itself with index_select on every tensor of `state` and `memory`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int  # V, including <pad> <start> <end> <unk>
+    feature_dim: int = 1280  # D, channels of the encoder grid (EfficientNet-Lite0: 1280)
+    embed_dim: int = 256  # m, word embedding size (also the deep output's size)
+    hidden_dim: int = 512  # n, recurrent state size
+    attention_dim: int = 512  # size of the attention MLP's hidden layer
+    rnn: str = "lstm"  # "lstm" (the paper) or "gru"
+    dropout: float = 0.5  # dropout before the output projection L_o
+    gate: bool = True  # gating scalar beta on the context (paper section 4.2.1)
+    deep_output: bool = True  # p(y) from E y + L_h h + L_z z (eq. 7); False: from h alone
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Memory(NamedTuple):
+    """What the decoder attends over; every tensor is indexed by batch row (reordered by search)."""
+
+    features: torch.Tensor  # (B, P, D) annotation vectors a
+    projected: torch.Tensor  # (B, P, A) W_a a + b, computed once per image
+    mean: torch.Tensor  # (B, D) mean annotation, for the initial state
+
+
+class SoftAttention(nn.Module):
+    """e = w^T tanh(W_a a + W_h h); alpha = softmax(e); context = sum alpha a."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
+        super().__init__()
+        self.feature_proj = nn.Linear(feature_dim, attention_dim)  # W_a (with the bias b)
+        self.hidden_proj = nn.Linear(hidden_dim, attention_dim, bias=False)  # W_h
+        self.score = nn.Linear(attention_dim, 1)  # w
+
+    def forward(self, memory: Memory, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        att = torch.tanh(memory.projected + self.hidden_proj(h).unsqueeze(1))  # (B, P, A)
+        alpha = F.softmax(self.score(att).squeeze(2), dim=1)  # (B, P)
+        context = torch.bmm(alpha.unsqueeze(1), memory.features).squeeze(1)  # (B, D)
+        return context, alpha
+
+
+class ShowAttendTell(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.rnn not in ("lstm", "gru"):
+            raise ValueError(f"rnn must be 'lstm' or 'gru', not {config.rnn!r}")
+        self.config = c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)  # E
+        self.attention = SoftAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
+        self.init_h = nn.Linear(c.feature_dim, c.hidden_dim)  # f_init_h
+        self.init_c = nn.Linear(c.feature_dim, c.hidden_dim) if c.rnn == "lstm" else None  # f_init_c
+        self.f_beta = nn.Linear(c.hidden_dim, 1) if c.gate else None
+        cell = nn.LSTMCell if c.rnn == "lstm" else nn.GRUCell
+        self.rnn = cell(c.embed_dim + c.feature_dim, c.hidden_dim)
+        if c.deep_output:
+            self.out_h = nn.Linear(c.hidden_dim, c.embed_dim)  # L_h
+            self.out_z = nn.Linear(c.feature_dim, c.embed_dim)  # L_z
+        self.dropout = nn.Dropout(c.dropout)
+        self.out = nn.Linear(c.embed_dim if c.deep_output else c.hidden_dim, c.vocab_size)  # L_o
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+
+    # --- the search contract -------------------------------------------------------------------
+
+    def attend_memory(self, features: torch.Tensor) -> Memory:
+        """Per-image work done once before decoding. features: (B, P, D)."""
+        return Memory(features, self.attention.feature_proj(features), features.mean(dim=1))
+
+    def init_state(self, memory: Memory) -> tuple[torch.Tensor, ...]:
+        h = torch.tanh(self.init_h(memory.mean))  # (B, n)
+        if self.init_c is None:
+            return (h,)
+        return (h, torch.tanh(self.init_c(memory.mean)))  # (B, n), (B, n)
+
+    def step(
+        self, tokens: torch.Tensor, state: tuple[torch.Tensor, ...], memory: Memory
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        """One decoding step. tokens: (B,) previous words -> log_probs (B, V), new state, alpha (B, P)."""
+        emb = self.embedding(tokens)  # (B, m)
+        state, context, alpha = self._advance(emb, state, memory)
+        logits = self._output(emb, state[0], context)  # (B, V)
+        return F.log_softmax(logits, dim=-1), state, alpha
+
+    # --- teacher-forced training ---------------------------------------------------------------
+
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing.
+
+        features: (B, P, D); captions: (B, L) = <start> w_1 .. w_k <end> <pad>..; lengths: (B,) = k + 2.
+        Returns logits (B, L-1, V) predicting captions[:, 1:], and alphas (B, L-1, P); positions at or
+        past a caption's end are zero (mask them with lengths - 1).
+        Rows are processed longest first so that finished captions cost nothing at later steps.
+        """
+        B, L = captions.shape
+        steps = lengths - 1  # (B,) predictions per caption
+        order = torch.argsort(steps, descending=True, stable=True)
+        features, captions, steps = features[order], captions[order], steps[order]
+        memory = self.attend_memory(features)
+        state = self.init_state(memory)
+        emb = self.embedding(captions[:, :-1])  # (B, L-1, m)
+        hs = features.new_zeros(B, L - 1, self.config.hidden_dim)  # (B, L-1, n)
+        contexts = features.new_zeros(B, L - 1, self.config.feature_dim)  # (B, L-1, D)
+        alphas = features.new_zeros(B, L - 1, features.size(1))  # (B, L-1, P)
+        for t in range(int(steps.max())):
+            n = int((steps > t).sum())  # rows still writing at step t (a prefix: sorted)
+            mem_t = Memory(*(m[:n] for m in memory))
+            state = tuple(s[:n] for s in state)
+            state, context, alpha = self._advance(emb[:n, t], state, mem_t)
+            hs[:n, t], contexts[:n, t], alphas[:n, t] = state[0], context, alpha
+        logits = self._output(emb, hs, contexts)  # (B, L-1, V), batched over time
+        inverse = torch.argsort(order)
+        return logits[inverse], alphas[inverse]
+
+    # --- shared pieces ---------------------------------------------------------------------------
+
+    def _advance(
+        self, emb: torch.Tensor, state: tuple[torch.Tensor, ...], memory: Memory
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """Attend with h_{t-1}, gate, and run the recurrent cell: one step without the output layer."""
+        h = state[0]
+        context, alpha = self.attention(memory, h)  # (B, D), (B, P)
+        if self.f_beta is not None:
+            context = torch.sigmoid(self.f_beta(h)) * context  # beta: (B, 1)
+        x = torch.cat([emb, context], dim=1)  # (B, m + D)
+        if self.config.rnn == "lstm":
+            state = self.rnn(x, state)  # (h, c)
+        else:
+            state = (self.rnn(x, h),)
+        return state, context, alpha
+
+    def _output(self, emb: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Deep output layer; works on (B, ., .) or (B, T, .) alike."""
+        if self.config.deep_output:
+            x = torch.tanh(emb + self.out_h(h) + self.out_z(context))  # (.., m)
+        else:
+            x = h
+        return self.out(self.dropout(x))  # (.., V)
+
+
+def doubly_stochastic_penalty(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_i (1 - sum_t alpha_ti)^2 averaged over the batch (paper eq. 14).
+
+    alphas: (B, T, P); mask: (B, T) true where a word is predicted.
+    """
+    coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, P)
+    return ((1.0 - coverage) ** 2).sum(dim=1).mean()
+
+
+def caption_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    alphas: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    alpha_c: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy over real words (padding masked) + alpha_c * doubly stochastic penalty.
+
+    logits: (B, T, V) with T = L-1; targets: (B, T) = captions[:, 1:]; lengths: (B,) caption lengths L_b.
+    """
+    T = targets.size(1)
+    mask = torch.arange(T, device=targets.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
+    xent = F.cross_entropy(logits[mask], targets[mask], label_smoothing=label_smoothing)
+    penalty = doubly_stochastic_penalty(alphas, mask)
+    loss = xent + alpha_c * penalty
+    return loss, {"xent": float(xent.detach()), "attention_penalty": float(penalty.detach())}

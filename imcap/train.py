@@ -1,0 +1,320 @@
+"""Training on cached features: teacher forcing, Adam, clipping, a step-based LR schedule, validation by
+real decoding each epoch, early stopping and best-checkpoint selection on CIDEr, exact resume.
+
+Exact resume: the epoch's batch order comes from a generator seeded by (seed, epoch), the LR is a
+function of the global step, and checkpoints hold the optimizer state and the torch RNG (dropout), so
+stopping after any checkpoint and re-running gives the same weights as never stopping (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .datasets import load_dataset, load_vocab
+from .decoding import DecodingOptions, decode
+from .features import FeatureStore
+from .metrics import validation_scores
+from .model import ModelConfig, ShowAttendTell, caption_loss
+from .text import END, START, Vocabulary
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20  # maximum epochs (one epoch = every training caption once)
+    batch_size: int = 64  # captions per batch
+    lr: float = 4e-4  # peak Adam learning rate
+    lr_schedule: str = "cosine"  # "cosine" (warm-up then cosine decay to lr * min_lr_ratio) or "constant"
+    warmup_steps: int = 100  # linear warm-up steps
+    min_lr_ratio: float = 0.05  # final LR of the cosine schedule, relative to lr
+    weight_decay: float = 0.0  # Adam weight decay
+    grad_clip: float = 5.0  # max gradient norm (0: no clipping)
+    alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty (lambda)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    patience: int = 5  # stop after this many epochs without a better validation CIDEr (0: never)
+    val_beam: int = 1  # beam size of validation decoding (1 = greedy)
+    val_max_length: int = 30  # words per validation caption
+    val_images: int = 0  # validate on the first N validation images (0: all)
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
+    seed: int = 0  # initialisation, batch order and dropout
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Progress:
+    """Where training is; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches done in the current epoch
+    global_step: int = 0
+    best_cider: float = -1.0
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    history: list = field(default_factory=list)  # one dict per finished epoch
+
+
+class CaptionPairs:
+    """Every (image, caption) pair of one split as padded id tensors, with features from the store."""
+
+    def __init__(self, images: list[dict], vocab: Vocabulary, store: FeatureStore, split: str, max_length: int):
+        rows, caps = [], []
+        for i, im in enumerate(images):
+            if im.get("split") != split or not store.ok[i]:
+                continue
+            for tokens in im["tokens"]:
+                if tokens:
+                    rows.append(i)
+                    caps.append([START, *vocab.encode(tokens[:max_length]), END])
+        self.store = store
+        self.rows = torch.tensor(rows, dtype=torch.long)  # (N,) feature row of each caption
+        self.lengths = torch.tensor([len(c) for c in caps], dtype=torch.long)  # (N,)
+        self.captions = torch.zeros(len(caps), max(map(len, caps), default=2), dtype=torch.long)  # (N, L)
+        for j, c in enumerate(caps):
+            self.captions[j, : len(c)] = torch.tensor(c)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lengths = self.lengths[idx]
+        captions = self.captions[idx, : int(lengths.max())]  # (B, L) trimmed to the longest
+        return self.store.get(self.rows[idx].numpy()), captions, lengths
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """LR at a global step: linear warm-up, then constant or cosine decay to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def validate(
+    model: ShowAttendTell, images: list[dict], store: FeatureStore, vocab: Vocabulary, options: DecodingOptions,
+    limit: int = 0, batch_size: int = 100,
+) -> tuple[dict, dict[str, list[str]]]:
+    """Decode the validation images for real (no teacher forcing); BLEU-1..4 and CIDEr on tokens."""
+    rows = [i for i, im in enumerate(images) if im.get("split") == "val" and store.ok[i]]
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        return {}, {}
+    was_training = model.training
+    model.eval()
+    hyps: dict[str, list[str]] = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        for i, best in zip(chunk, decode(model, store.get(np.array(chunk)), options)):
+            hyps[images[i]["id"]] = vocab.decode(best[0].tokens)
+    model.train(was_training)
+    refs = {images[i]["id"]: images[i]["tokens"] for i in rows}
+    return validation_scores(refs, hyps), hyps
+
+
+class Trainer:
+    """Owns the model, optimizer, data and run directory of one training run."""
+
+    def __init__(self, data_dir: str | os.PathLike, out_dir: str | os.PathLike, model_config: dict | None = None,
+                 train_config: TrainConfig | None = None, features: str | None = None, log=print):
+        self.data_dir, self.out_dir, self.log = Path(data_dir).resolve(), Path(out_dir), log
+        self.meta, self.images = load_dataset(self.data_dir)
+        self.vocab = load_vocab(self.data_dir)
+        resume = (self.out_dir / "checkpoint").exists() or (self.out_dir / "checkpoint.old").exists()
+        saved = ckpt.load_checkpoint(self.out_dir / "checkpoint") if resume else None
+        if saved:
+            self._check_same_data(saved[0])
+            features = saved[0]["data"]["features"]
+        encoder, size = _split_store_name(features)
+        self.store = FeatureStore.open(self.data_dir, encoder=encoder, image_size=size)
+        if saved:
+            meta = saved[0]
+            self.cfg = TrainConfig.from_dict(meta["train_config"])
+            if train_config is not None and train_config.epochs != self.cfg.epochs:
+                self.cfg.epochs = train_config.epochs  # the one setting a resume may change
+            self.model_config = ModelConfig.from_dict(meta["model_config"])
+        else:
+            self.cfg = train_config or TrainConfig()
+            overrides = dict(model_config or {})
+            self.model_config = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.store.spec.feature_dim, **overrides)
+        torch.manual_seed(self.cfg.seed)
+        self.model = ShowAttendTell(self.model_config)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        max_len = int(self.meta.get("max_length", 30))
+        self.train_pairs = CaptionPairs(self.images, self.vocab, self.store, "train", max_len)
+        if len(self.train_pairs) == 0:
+            raise ValueError(f"{self.data_dir}: no training captions with features (is there a train split?)")
+        self.progress = Progress()
+        if saved:
+            self.model.load_state_dict(saved[1])
+            ckpt.load_training_state(self.out_dir / "checkpoint", self.optimizer, saved[0])
+            self.progress = Progress(**saved[0]["progress"])
+            log(f"resuming {self.out_dir} at epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_pairs) / self.cfg.batch_size)
+
+    def _check_same_data(self, meta: dict) -> None:
+        if Path(meta["data"]["data_dir"]) != self.data_dir:
+            self.log(f"note: {self.out_dir} was trained on {meta['data']['data_dir']}; continuing with {self.data_dir}")
+        if meta["vocab"]["tokens"] != self.vocab.tokens:
+            raise ValueError(f"{self.out_dir}: its vocabulary differs from {self.data_dir}/vocab.json; use a new --out")
+
+    def checkpoint_meta(self, metrics: dict | None = None) -> dict:
+        p = self.progress
+        return {
+            "model_config": self.model_config.to_dict(),
+            "vocab": self.vocab.to_dict(),
+            "encoder": self.store.spec.to_dict(),
+            "language": self.meta.get("language", "en"),
+            "data": {"data_dir": str(self.data_dir), "features": self.store.name, "format": self.meta.get("format")},
+            "train_config": self.cfg.to_dict(),
+            "progress": asdict(p),
+            "metrics": metrics if metrics is not None else (p.history[p.best_epoch - 1]["val"] if p.best_epoch > 0 else {}),
+        }
+
+    def save(self, name: str = "checkpoint", metrics: dict | None = None) -> None:
+        ckpt.save_checkpoint(self.out_dir / name, self.model, self.checkpoint_meta(metrics), self.optimizer if name == "checkpoint" else None)
+
+    def train(self, progress_bar: bool = True, stop_after_steps: int | None = None) -> dict:
+        """Run until cfg.epochs, early stopping, or stop_after_steps global steps (then checkpoint and return)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        cfg, p = self.cfg, self.progress
+        writer = _tensorboard(self.out_dir / "tb", p.global_step)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        options = DecodingOptions(beam_size=cfg.val_beam, max_length=cfg.val_max_length)
+        self.model.train()
+        stopped = "epochs"
+        while p.epoch < cfg.epochs:
+            if cfg.patience and p.epochs_since_best >= cfg.patience:
+                stopped = "early stopping"
+                break
+            order = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + p.epoch))
+            batches = order.split(cfg.batch_size)
+            t0, seen, losses = time.time(), 0, []
+            bar = tqdm(total=len(batches), initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
+                       disable=not progress_bar, leave=False, file=sys.stderr, dynamic_ncols=True)
+            for idx in batches[p.step_in_epoch :]:
+                lr = learning_rate(cfg, p.global_step, total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, parts = self._step(*self.train_pairs.batch(idx))
+                p.step_in_epoch += 1
+                p.global_step += 1
+                seen += len(idx)
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", caps_per_s=f"{seen / (time.time() - t0):.0f}")
+                if writer and p.global_step % 20 == 0:
+                    writer.add_scalar("train/loss", loss, p.global_step)
+                    writer.add_scalar("train/xent", parts["xent"], p.global_step)
+                    writer.add_scalar("train/attention_penalty", parts["attention_penalty"], p.global_step)
+                    writer.add_scalar("train/lr", lr, p.global_step)
+                if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0 and p.step_in_epoch < len(batches):
+                    self.save()
+                if stop_after_steps is not None and p.global_step >= stop_after_steps:
+                    bar.close()
+                    self.save()
+                    return self._summary("step limit")
+            bar.close()
+            self._end_epoch(options, float(np.mean(losses)) if losses else float("nan"), time.time() - t0, seen, writer)
+        if writer:
+            writer.close()
+        return self._summary(stopped)
+
+    def _step(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[float, dict]:
+        logits, alphas = self.model(features, captions, lengths)  # (B, T, V), (B, T, P)
+        loss, parts = caption_loss(logits, captions[:, 1:], alphas, lengths, alpha_c=self.cfg.alpha_c,
+                                   label_smoothing=self.cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach()), parts
+
+    def _end_epoch(self, options: DecodingOptions, loss: float, seconds: float, seen: int, writer) -> None:
+        p = self.progress
+        t0 = time.time()
+        scores, hyps = validate(self.model, self.images, self.store, self.vocab, options, self.cfg.val_images)
+        p.epoch += 1
+        p.step_in_epoch = 0
+        record = {"epoch": p.epoch, "step": p.global_step, "train_loss": loss, "train_seconds": round(seconds, 2),
+                  "captions_per_s": round(seen / max(seconds, 1e-9), 1), "val_seconds": round(time.time() - t0, 2),
+                  "val": scores}
+        p.history.append(record)
+        cider = scores.get("CIDEr", -loss)  # no validation split: fall back to the training loss
+        improved = cider > p.best_cider
+        if improved:
+            p.best_cider, p.best_epoch, p.epochs_since_best = cider, p.epoch, 0
+        else:
+            p.epochs_since_best += 1
+        if writer:
+            for k, v in scores.items():
+                writer.add_scalar(f"val/{k}", v, p.global_step)
+            writer.add_scalar("train/epoch_loss", loss, p.global_step)
+            writer.flush()
+        example = next(iter(hyps.items()), None)
+        self.log(f"epoch {p.epoch}: loss {loss:.3f}, {record['captions_per_s']:.0f} captions/s, "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k in ("BLEU-4", "CIDEr"))
+                 + (" (best)" if improved else "")
+                 + (f"  e.g. {example[0]}: {' '.join(example[1])}" if example else ""))
+        if improved:
+            self.save("best", metrics=scores)
+        self.save()
+        _write_jsonl(self.out_dir / "metrics.jsonl", p.history)
+
+    def _summary(self, stopped: str) -> dict:
+        p = self.progress
+        best = p.history[p.best_epoch - 1] if p.best_epoch > 0 else None
+        return {"stopped": stopped, "epochs": p.epoch, "steps": p.global_step, "best_epoch": p.best_epoch,
+                "best_val": best["val"] if best else {}, "out_dir": str(self.out_dir)}
+
+
+def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_config: dict | None = None,
+          train_config: TrainConfig | None = None, features: str | None = None, progress: bool = True,
+          stop_after_steps: int | None = None, log=print) -> dict:
+    """Train (or resume, when out_dir holds a checkpoint) a captioner on DATA_DIR's cached features."""
+    trainer = Trainer(data_dir, out_dir, model_config, train_config, features, log)
+    return trainer.train(progress_bar=progress, stop_after_steps=stop_after_steps)
+
+
+def _split_store_name(name: str | None) -> tuple[str | None, int | None]:
+    """'efficientnet-lite0-224' -> ('efficientnet-lite0', 224); None -> (None, None)."""
+    if not name:
+        return None, None
+    encoder, _, size = name.rpartition("-")
+    return encoder, int(size)
+
+
+def _tensorboard(path: Path, step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time
+        return None
+    return SummaryWriter(str(path), purge_step=step or None)
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from imcap.model import ModelConfig, ShowAttendTell, caption_loss, doubly_stochastic_penalty
+from imcap.text import END, START
+
+B, P, D, V = 3, 6, 10, 17
+
+
+def tiny(rnn="lstm", **kw) -> ShowAttendTell:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, feature_dim=D, embed_dim=8, hidden_dim=12, attention_dim=9, rnn=rnn, **kw)
+    return ShowAttendTell(cfg).eval()
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(B, P, D, generator=g)
+    lengths = torch.tensor([5, 7, 4])
+    captions = torch.zeros(B, 7, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        captions[b, 0], captions[b, n - 1] = START, END
+        captions[b, 1 : n - 1] = torch.randint(4, V, (n - 2,), generator=g)
+    return features, captions, lengths
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+def test_forward_shapes_and_attention_sums_to_one(rnn):
+    model = tiny(rnn)
+    features, captions, lengths = batch()
+    logits, alphas = model(features, captions, lengths)
+    assert logits.shape == (B, 6, V) and alphas.shape == (B, 6, P)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.allclose(alphas[b, : n - 1].sum(-1), torch.ones(n - 1), atol=1e-6)
+        assert torch.all(alphas[b, n - 1 :] == 0)  # finished rows cost nothing and stay zero
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+@pytest.mark.parametrize("gate,deep", [(True, True), (False, False)])
+def test_teacher_forcing_equals_stepping(rnn, gate, deep):
+    """forward() (sorted rows, output layer batched over time) == the search contract's step()."""
+    model = tiny(rnn, gate=gate, deep_output=deep)
+    features, captions, lengths = batch()
+    logits, alphas = model(features, captions, lengths)
+    memory = model.attend_memory(features)
+    state = model.init_state(memory)
+    for t in range(6):
+        log_probs, state, alpha = model.step(captions[:, t], state, memory)
+        for b, n in enumerate(lengths.tolist()):
+            if t < n - 1:
+                assert torch.allclose(log_probs[b], logits[b, t].log_softmax(-1), atol=1e-5)
+                assert torch.allclose(alpha[b], alphas[b, t], atol=1e-6)
+
+
+def test_image_projection_is_computed_once_per_image():
+    model = tiny()
+    calls = []
+    model.attention.feature_proj.register_forward_hook(lambda *a: calls.append(1))
+    features, captions, lengths = batch()
+    model(features, captions, lengths)
+    assert len(calls) == 1
+
+
+def test_doubly_stochastic_penalty_by_hand():
+    alphas = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.3, 0.7]]])  # (1, T=3, P=2), last step is padding
+    mask = torch.tensor([[True, True, False]])
+    # coverage = [1.5, 0.5] -> (1-1.5)^2 + (1-0.5)^2 = 0.5
+    assert doubly_stochastic_penalty(alphas, mask).item() == pytest.approx(0.5)
+
+
+def test_loss_ignores_padding_and_decreases_when_overfitting():
+    model = tiny(dropout=0.0)
+    model.train()
+    features, captions, lengths = batch()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(100):
+        logits, alphas = model(features, captions, lengths)
+        loss, parts = caption_loss(logits, captions[:, 1:], alphas, lengths, alpha_c=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(parts["xent"])
+    assert losses[-1] < 0.3 * losses[0]
+    # padding targets do not matter: changing them leaves the loss unchanged
+    model.eval()
+    logits, alphas = model(features, captions, lengths)
+    other = captions.clone()
+    other[0, 5:] = 9
+    a, _ = caption_loss(logits, captions[:, 1:], alphas, lengths)
+    b, _ = caption_loss(logits, other[:, 1:], alphas, lengths)
+    assert a.item() == b.item()
+
+
+def test_bad_rnn_name():
+    with pytest.raises(ValueError, match="rnn"):
+        ShowAttendTell(ModelConfig(vocab_size=5, rnn="transformer"))
