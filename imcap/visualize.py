@@ -1,0 +1,192 @@
+"""Attention pictures: where the decoder looked for each word, drawn over the image (Xu et al. 2015, figs. 2-3).
+
+PIL and numpy only. An attention map `alpha` is the (h, w) grid of the encoder (7 x 7 for EfficientNet-Lite0
+at 224 px) and is assumed to cover the whole image as the encoder saw it (the image resized, not cropped).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+# Matplotlib's "inferno" sampled at 9 evenly spaced points (black -> purple -> orange -> pale yellow),
+# interpolated to 256 entries: perceptually uniform and readable in grey.
+_INFERNO_ANCHORS = np.array(
+    [(0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
+     (227, 89, 51), (249, 140, 10), (249, 201, 50), (252, 255, 164)], dtype=np.float64)  # fmt: skip
+INFERNO = np.stack(
+    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_INFERNO_ANCHORS)), _INFERNO_ANCHORS[:, c]) for c in range(3)],
+    axis=1,
+).astype(np.float32)  # (256, 3)
+
+TILE_GAP = 6  # pixels between tiles and around the figure
+_BACKGROUND = (255, 255, 255)
+_SPECIAL = {"<start>", "<end>", "<pad>"}
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1 with FreeType
+    except (TypeError, OSError, AttributeError):
+        return ImageFont.load_default()
+
+
+def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of a 2-D float array, edges replicated."""
+    if sigma <= 0:
+        return x
+    r = max(int(3 * sigma), 1)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    for axis in (0, 1):
+        pad = [(r, r) if a == axis else (0, 0) for a in (0, 1)]
+        p = np.pad(x, pad, mode="edge")
+        n = x.shape[axis]
+        x = sum(w * np.take(p, np.arange(i, i + n), axis=axis) for i, w in enumerate(k))
+    return x
+
+
+def upsample_attention(alpha: np.ndarray, size: tuple[int, int], upscale: Literal["smooth", "nearest"] = "smooth") -> np.ndarray:
+    """(H, W) map in [0, 1] (1 at the strongest attention) from an (h, w) grid, for an image of size (W, H).
+
+    "smooth": bicubic upsampling plus a Gaussian blur of a third of a cell, like the paper's figures;
+    "nearest": one flat block per grid cell, which shows exactly what the model computed.
+    """
+    a = np.asarray(alpha, dtype=np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"alpha must be (h, w), got shape {a.shape}")
+    a = a / a.max() if a.max() > 0 else np.zeros_like(a)
+    W, H = size
+    if upscale == "nearest":
+        return np.asarray(Image.fromarray(a, "F").resize((W, H), Image.NEAREST))
+    if upscale != "smooth":
+        raise ValueError(f"upscale must be 'smooth' or 'nearest', got {upscale!r}")
+    m = np.asarray(Image.fromarray(a, "F").resize((W, H), Image.BICUBIC), dtype=np.float64)  # (H, W)
+    m = _gaussian_blur(m, sigma=min(W / a.shape[1], H / a.shape[0]) / 3)
+    m = np.clip(m, 0, None)
+    return (m / m.max() if m.max() > 0 else m).astype(np.float32)
+
+
+def heatmap_overlay(
+    image: Image.Image,
+    alpha: np.ndarray,
+    *,
+    upscale: Literal["smooth", "nearest"] = "smooth",
+    style: Literal["heat", "spotlight"] = "heat",
+    strength: float = 0.6,
+) -> Image.Image:
+    """`image` (any size) with the (h, w) attention grid drawn over it; same size, RGB.
+
+    "heat": the image blended with the inferno colour map of the attention (dark where the model did not
+    look, pale yellow where it looked most); "spotlight": the paper's look, the image kept where attention
+    is high and darkened elsewhere. `strength` in [0, 1] is how much the attention shows.
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    m = upsample_attention(alpha, image.size, upscale)[..., None]  # (H, W, 1)
+    if style == "heat":
+        colours = INFERNO[np.rint(m[..., 0] * 255).astype(np.int64)]  # (H, W, 3)
+        out = (1 - strength) * rgb + strength * colours
+    elif style == "spotlight":
+        out = rgb * (1 - strength + strength * m)
+    else:
+        raise ValueError(f"style must be 'heat' or 'spotlight', got {style!r}")
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of `text` to lines at most `width` pixels wide (a longer single word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def _fit_label(word: str, font, width: int) -> str:
+    while len(word) > 1 and font.getlength(word) > width:
+        word = word[:-2] + "…"
+    return word
+
+
+def _tile(image: Image.Image, tile: int, alpha: np.ndarray | None, **overlay) -> Image.Image:
+    """A tile x tile picture: the image fitted inside (aspect kept), with the attention over it if given."""
+    thumb = ImageOps.contain(image.convert("RGB"), (tile, tile), Image.BICUBIC)
+    if alpha is not None:
+        thumb = heatmap_overlay(thumb, alpha, **overlay)
+    canvas = Image.new("RGB", (tile, tile), _BACKGROUND)
+    canvas.paste(thumb, ((tile - thumb.width) // 2, (tile - thumb.height) // 2))
+    return canvas
+
+
+def attention_figure(
+    image: Image.Image,
+    tokens: list[str],
+    alphas: np.ndarray,
+    *,
+    caption: str | None = None,
+    columns: int = 5,
+    tile: int = 160,
+    **overlay,
+) -> Image.Image:
+    """A grid of tiles: the image, then one tile per token with its attention and the token under it.
+
+    tokens: T' words (include "<end>" to show that step); alphas: (T, h, w) with T >= T', alphas[t] the
+    attention when tokens[t] was emitted. The caption (default: the tokens without <start>/<end>/<pad>) is
+    written above the grid. `overlay` goes to heatmap_overlay (upscale, style, strength).
+    """
+    alphas = np.asarray(alphas)
+    if alphas.ndim != 3 or len(alphas) < len(tokens):
+        raise ValueError(f"alphas must be (T, h, w) with T >= {len(tokens)} tokens, got shape {alphas.shape}")
+    if caption is None:
+        caption = " ".join(t for t in tokens if t not in _SPECIAL)
+    n_tiles, gap = 1 + len(tokens), TILE_GAP
+    cols = max(1, min(columns, n_tiles))
+    rows = -(-n_tiles // cols)
+    word_font, caption_font = _font(max(10, tile // 9)), _font(max(12, tile // 8))
+    width = cols * (tile + gap) + gap
+    lines = _wrap(caption, caption_font, width - 2 * gap)
+    line_h = caption_font.size + 4 if hasattr(caption_font, "size") else 14
+    label_h = (word_font.size if hasattr(word_font, "size") else 11) + 8
+    top = gap + len(lines) * line_h + gap
+    fig = Image.new("RGB", (width, top + rows * (tile + label_h + gap)), _BACKGROUND)
+    draw = ImageDraw.Draw(fig)
+    for i, line in enumerate(lines):
+        draw.text((gap, gap + i * line_h), line, fill=(0, 0, 0), font=caption_font)
+    for k in range(n_tiles):
+        x = gap + (k % cols) * (tile + gap)
+        y = top + (k // cols) * (tile + label_h + gap)
+        alpha = None if k == 0 else alphas[k - 1]
+        fig.paste(_tile(image, tile, alpha, **overlay), (x, y))
+        label = "(image)" if k == 0 else _fit_label(tokens[k - 1], word_font, tile)
+        draw.text((x + (tile - draw.textlength(label, font=word_font)) / 2, y + tile + 4), label, fill=(0, 0, 0), font=word_font)
+    return fig
+
+
+def save_attention_figure(path: str | os.PathLike, image: Image.Image, tokens: list[str], alphas: np.ndarray, **kwargs) -> Path:
+    """Write attention_figure(image, tokens, alphas, **kwargs) as a PNG at `path` (atomically); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = attention_figure(image, tokens, alphas, **kwargs)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def draw_boxes(image: Image.Image, objects: list[dict]) -> Image.Image:
+    """A copy of `image` with each object's box outlined and labelled "size colour shape" (synthetic scenes)."""
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    font = _font(max(10, out.height // 22))
+    for obj in objects:
+        x0, y0, x1, y1 = obj["box"]
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 0, 0), width=2)
+        label = " ".join(str(obj.get(k, "")) for k in ("size", "color", "shape")).strip()
+        draw.text((x0 + 2, max(y0 - font.size - 2, 0) if hasattr(font, "size") else y0), label, fill=(0, 0, 0), font=font)
+    return out
