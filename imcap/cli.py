@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="synth -> prepare -> features -> train -> evaluate -> caption, on synthetic scenes")
     s.add_argument("--out", default="demo-out", help="folder for everything the demo writes")
     s.add_argument("--images", type=int, default=1200, help="number of synthetic scenes")
-    s.add_argument("--epochs", type=int, default=12, help="training epochs")
+    s.add_argument("--epochs", type=int, default=6, help="training epochs")
     s.add_argument("--seed", type=int, default=0, help="seed")
     s.set_defaults(func=cmd_demo)
 

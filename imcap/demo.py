@@ -46,7 +46,7 @@ def run_demo(out: str | Path = "demo-out", *, n_images: int = 1200, epochs: int 
     _done(t0)
 
     t0 = _stage(f"4/6 train: soft-attention LSTM, {epochs} epochs, validation by greedy decoding")
-    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=1e-3, warmup_steps=50, patience=0, seed=seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=48, lr=1.5e-3, warmup_steps=50, patience=0, seed=seed)
     model_config = {"embed_dim": 128, "hidden_dim": 256, "attention_dim": 256, "dropout": 0.3}
     train(out / "data", out / "run", model_config=model_config, train_config=cfg, progress=progress)
     _done(t0)

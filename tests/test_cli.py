@@ -1,0 +1,70 @@
+"""The CLI end to end on a tiny synthetic set, with the real pretrained encoder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from imcap.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["synth", str(root / "scenes"), "--images", "150", "--seed", "2", "--quiet"]) == 0
+    assert main(["prepare", "--format", "karpathy", str(root / "scenes/scenes.json"), "--out", str(root / "data"),
+                 "--min-count", "1", "--quiet"]) == 0
+    assert main(["features", str(root / "data"), "--quiet"]) == 0
+    assert main(["train", str(root / "data"), "--out", str(root / "run"), "--epochs", "8", "--batch-size", "24",
+                 "--lr", "2e-3", "--warmup-steps", "10", "--embed-dim", "64", "--hidden-dim", "128",
+                 "--attention-dim", "64", "--dropout", "0.2", "--patience", "0", "--quiet"]) == 0
+    return root
+
+
+def test_evaluate_json_has_the_seven_metrics(run_dir, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir / "run"), "--split", "test", "--beam", "3", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert list(scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"]
+    assert scores["BLEU-1"] > 0.5  # learned something real about held-out scenes
+    assert (run_dir / "run/eval/test-beam3.results.json").exists()
+
+
+def test_caption_json_attention_and_a_bad_file(run_dir, capsys, tmp_path):
+    scenes = json.loads((run_dir / "scenes/scenes.json").read_text())["images"]
+    test = [im for im in scenes if im["split"] == "test"][:3]
+    files = [str(run_dir / "scenes/images" / im["filename"]) for im in test]
+    bad = tmp_path / "not-an-image.jpg"
+    bad.write_text("hello")
+    capsys.readouterr()
+    status = main(["caption", str(run_dir / "run"), files[0], str(bad), *files[1:], "--json",
+                   "--attention", str(tmp_path / "att")])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert status == 1  # some image failed
+    assert [line["image"] for line in lines] == [files[0], str(bad), *files[1:]]
+    assert "not-an-image.jpg" in lines[1]["error"] and "caption" not in lines[1]
+    named = 0
+    for line, im in zip([lines[0], *lines[2:]], test):
+        assert line["caption"] and isinstance(line["score"], float)
+        named += any(obj["shape"] in line["caption"].split() for obj in im["objects"])
+    assert named >= 2  # the captions name shapes that are really there
+    assert len(list((tmp_path / "att").glob("*.png"))) == 3
+
+
+def test_console_script_exit_codes(run_dir, tmp_path):
+    cmd = [sys.executable, "-m", "imcap"]
+    usage = subprocess.run(cmd + ["caption"], capture_output=True, text=True)
+    assert usage.returncode == 2
+    missing = subprocess.run(cmd + ["caption", str(tmp_path / "no-run"), "x.jpg"], capture_output=True, text=True)
+    assert missing.returncode == 1 and "no such run directory" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_reports_a_malformed_file_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "captions.json"
+    bad.write_text("{broken")
+    assert main(["prepare", "--format", "coco", str(bad), "--out", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "captions.json" in err
+

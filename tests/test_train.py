@@ -1,0 +1,83 @@
+"""Training on a tiny synthetic set with a random-weight encoder (64 px -> 2x2 grid): fast and hermetic."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imcap.datasets import prepare
+from imcap.encoders import build_encoder
+from imcap.features import extract_features
+from imcap.synth import make_scenes
+from imcap.train import TrainConfig, learning_rate, train
+
+MODEL = {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 16, "dropout": 0.3}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    scenes = make_scenes(root / "scenes", n_images=40, seed=1, image_size=64, progress=False)
+    prepare(scenes, "karpathy", root / "data", min_count=1, progress=False)
+    extract_features(root / "data", encoder=build_encoder("efficientnet-lite0", 64, pretrained=False),
+                     image_size=64, progress=False)
+    return root / "data"
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=16, lr=3e-3, warmup_steps=3, patience=0, seed=3, val_max_length=12)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(run_dir, name="checkpoint"):
+    return load_file(run_dir / name / "model.safetensors")
+
+
+def run(data_dir, out, **kw):
+    return train(data_dir, out, model_config=MODEL, train_config=config(**kw.pop("cfg", {})), progress=False,
+                 log=lambda *a: None, **kw)
+
+
+@pytest.mark.parametrize("stop_at", [4, 10])  # mid-epoch and exactly at the end of epoch 1
+def test_resume_ends_with_the_same_weights(data_dir, tmp_path, stop_at):
+    run(data_dir, tmp_path / "straight")
+    run(data_dir, tmp_path / "resumed", stop_after_steps=stop_at)
+    assert json.loads((tmp_path / "resumed/checkpoint/checkpoint.json").read_text())["progress"]["global_step"] == stop_at
+    summary = run(data_dir, tmp_path / "resumed")
+    assert summary["steps"] == 20 and summary["epochs"] == 2  # 32 train images x 5 captions / 16 = 10 steps an epoch
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads(line) for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_best_checkpoint_follows_validation_cider(data_dir, tmp_path):
+    summary = run(data_dir, tmp_path / "run", cfg={"epochs": 3})
+    history = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    ciders = [h["val"]["CIDEr"] for h in history]
+    best_epoch = ciders.index(max(ciders)) + 1
+    assert summary["best_epoch"] == best_epoch
+    best = json.loads((tmp_path / "run/best/checkpoint.json").read_text())
+    assert best["progress"]["epoch"] == best_epoch and best["metrics"]["CIDEr"] == max(ciders)
+    assert not (tmp_path / "run/best/optimizer.safetensors").exists()  # inference checkpoints stay small
+    assert any((tmp_path / "run/tb").iterdir())
+
+
+def test_early_stopping_when_validation_stops_improving(data_dir, tmp_path):
+    summary = run(data_dir, tmp_path / "run", cfg={"epochs": 10, "lr": 1e-12, "warmup_steps": 0, "patience": 2})
+    assert summary["stopped"] == "early stopping" and summary["epochs"] == 3
+
+
+def test_training_lowers_the_loss(data_dir, tmp_path):
+    run(data_dir, tmp_path / "run", cfg={"epochs": 4})
+    history = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0, 100) == pytest.approx(0.1)
+    assert learning_rate(cfg, 9, 100) == pytest.approx(1.0)
+    assert learning_rate(cfg, 100, 100) == pytest.approx(0.1)
+    assert learning_rate(TrainConfig(lr=2.0, warmup_steps=0, lr_schedule="constant"), 50, 100) == 2.0
