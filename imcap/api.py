@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
@@ -24,7 +23,7 @@ from .decoding import DecodingOptions, Hypothesis, decode
 from .encoders import EncoderSpec, ImageEncoder, build_encoder
 from .images import ImageError, load_image, to_rgb
 from .model import ModelConfig, ShowAttendTell
-from .text import END, Vocabulary, get_tokenizer
+from .text import Vocabulary, get_tokenizer
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 

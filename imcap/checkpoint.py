@@ -15,11 +15,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .fileio import write_json_atomic
 
 FORMAT = "imcap-checkpoint"
 VERSION = 1
@@ -28,17 +29,6 @@ REQUIRED_KEYS = ("format", "version", "model_config", "vocab", "encoder")
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, incomplete or not one of ours; the message is one line."""
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON through a temp file and os.replace, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(

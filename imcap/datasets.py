@@ -24,7 +24,6 @@ import os
 import posixpath
 import random
 import re
-import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Callable, Sequence
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from .fileio import write_json_atomic
 from .images import MAX_PIXELS, ImageError
 from .text import Tokenizer, Vocabulary, get_tokenizer
 
@@ -104,18 +104,6 @@ def _read_json(path: Path):
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
-def _write_json(path: Path, obj, indent: int | None = None) -> None:
-    """Write `obj` as JSON through a temporary file and os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # normal permissions, unlike mkstemp
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(json.dumps(obj, ensure_ascii=False, indent=indent))  # dumps: the fast C encoder
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _get(obj: dict, key: str, types: type | tuple, path: Path, where: str):
@@ -524,9 +512,9 @@ def prepare(source: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
     split_source = "forced" if split is not None else "source" if has_splits else "seeded"
     report = _report(dataset, records, vocabulary, vocab, counts, problems, out_dir, split_source,
                      dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction))
-    _write_json(out_dir / "dataset.json", dataset)
+    write_json_atomic(out_dir / "dataset.json", dataset, indent=None)
     vocabulary.save(out_dir / "vocab.json")
-    _write_json(out_dir / "report.json", report, indent=1)
+    write_json_atomic(out_dir / "report.json", report, indent=1)
     return report
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .api import Captioner
-from .checkpoint import write_json_atomic
+from .fileio import write_json_atomic
 from .datasets import load_dataset
 from .decoding import DecodingOptions
 from .features import FeatureStore

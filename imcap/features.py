@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .encoders import EncoderSpec, ImageEncoder, build_encoder
+from .fileio import write_bytes_atomic, write_json_atomic
 from .images import ImageError, load_image
 
 INDEX_VERSION = 1
@@ -40,18 +41,6 @@ class FeatureStoreError(ValueError):
 # ---------------------------------------------------------------- small file helpers
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to path via a temporary file, fsync and os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def read_image_list(data_dir: str | os.PathLike) -> tuple[Path, list[str]]:
@@ -108,8 +97,8 @@ def _create(path: Path, index: dict) -> None:
     tmp = path / "features.f16.tmp"
     np.memmap(tmp, dtype=np.float16, mode="w+", shape=shape).flush()  # sparse file of zeros
     os.replace(tmp, path / "features.f16")
-    _write_atomic(path / "status.u8", bytes(index["N"]))
-    _write_json(path / "index.json", index)
+    write_bytes_atomic(path / "status.u8", bytes(index["N"]))
+    write_json_atomic(path / "index.json", index)
 
 
 def _remove(path: Path) -> None:
@@ -261,8 +250,8 @@ def extract_features(
         for _, problem in batch.failures:
             _report(problem, progress)
         if _record_failures(index, batch, files):
-            _write_json(path / "index.json", index)
-        _write_atomic(path / "status.u8", status.tobytes())
+            write_json_atomic(path / "index.json", index)
+        write_bytes_atomic(path / "status.u8", status.tobytes())
 
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc=path.name, disable=not progress, dynamic_ncols=True)

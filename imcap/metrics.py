@@ -40,6 +40,8 @@ from pycocoevalcap.meteor import meteor as _meteor_module
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer as _ptb_module
 
+from .fileio import write_json_atomic
+
 __all__ = ["score_captions", "validation_scores", "write_coco_results", "java_available", "METRICS", "SCORE_KEYS"]
 
 # Metric names accepted by score_captions(metrics=...), and the keys each one adds to the result.
@@ -362,22 +364,7 @@ def write_coco_results(
     if len({json.dumps(r["image_id"]) for r in records}) != len(records):
         raise ValueError("two hypotheses share an image id: COCO results need one caption per image")
     path = Path(path)
-    _write_json_atomic(path, records)
+    write_json_atomic(path, records, indent=None)
     return path
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -32,13 +32,14 @@ the number of images, and the same seed gives byte-identical images and JSON.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .fileio import atomic_path, write_json_atomic
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 # Distinct hues, saturated enough to stand out on the light background.
@@ -309,16 +310,8 @@ def _split_names(n: int, rng: np.random.Generator, val_fraction: float, test_fra
 
 
 def _save_png_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", compress_level=6)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp:
+        image.save(tmp, format="PNG", compress_level=6)
 
 
 def make_scenes(
@@ -353,7 +346,7 @@ def make_scenes(
         if progress and ((i + 1) % max(n_images // 10, 1) == 0 or i + 1 == n_images):
             print(f"synth: {i + 1}/{n_images} scenes", file=sys.stderr, flush=True)
     path = out_dir / "scenes.json"
-    write_json_atomic({"dataset": "synthetic-scenes", "images": records}, path)
+    write_json_atomic(path, {"dataset": "synthetic-scenes", "images": records})
     return path
 
 

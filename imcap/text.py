@@ -15,10 +15,11 @@ import logging
 import os
 import re
 import unicodedata
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from .fileio import write_json_atomic
 
 # Special tokens and their ids; they always come first in a vocabulary.
 PAD, START, END, UNK = 0, 1, 2, 3
@@ -168,16 +169,7 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write vocab.json atomically (temporary file + os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "x", encoding="utf-8") as f:
-                f.write(json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:

@@ -8,7 +8,6 @@ stopping after any checkpoint and re-running gives the same weights as never sto
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -24,6 +23,7 @@ from . import checkpoint as ckpt
 from .datasets import load_dataset, load_vocab
 from .decoding import DecodingOptions, decode
 from .features import FeatureStore
+from .fileio import write_jsonl_atomic
 from .metrics import validation_scores
 from .model import ModelConfig, ShowAttendTell, caption_loss
 from .text import END, START, Vocabulary
@@ -279,7 +279,7 @@ class Trainer:
         if improved:
             self.save("best", metrics=scores)
         self.save()
-        _write_jsonl(self.out_dir / "metrics.jsonl", p.history)
+        write_jsonl_atomic(self.out_dir / "metrics.jsonl", p.history)
 
     def _summary(self, stopped: str) -> dict:
         p = self.progress
@@ -310,11 +310,3 @@ def _tensorboard(path: Path, step: int):
     except ImportError:  # tensorboard is optional at run time
         return None
     return SummaryWriter(str(path), purge_step=step or None)
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)

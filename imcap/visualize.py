@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .fileio import atomic_path
+
 # Matplotlib's "inferno" sampled at 9 evenly spaced points (black -> purple -> orange -> pale yellow),
 # interpolated to 256 entries: perceptually uniform and readable in grey.
 _INFERNO_ANCHORS = np.array(
@@ -173,9 +175,8 @@ def save_attention_figure(path: str | os.PathLike, image: Image.Image, tokens: l
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = attention_figure(image, tokens, alphas, **kwargs)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp:
+        fig.save(tmp, format="PNG")
     return path
 
 
