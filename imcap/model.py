@@ -124,31 +124,37 @@ class ShowAttendTell(nn.Module):
     # --- teacher-forced training ---------------------------------------------------------------
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing.
 
-        features: (B, P, D); captions: (B, L) = <start> w_1 .. w_k <end> <pad>..; lengths: (B,) = k + 2.
+        features: (I, P, D); captions: (B, L) = <start> w_1 .. w_k <end> <pad>..; lengths: (B,) = k + 2;
+        image_index: (B,) the feature row of each caption (default: row b for caption b), so an image with
+        several captions in the batch is projected once.
         Returns logits (B, L-1, V) predicting captions[:, 1:], and alphas (B, L-1, P); positions at or
         past a caption's end are zero (mask them with lengths - 1).
         Rows are processed longest first so that finished captions cost nothing at later steps.
         """
         B, L = captions.shape
+        if image_index is None:
+            image_index = torch.arange(B)
         steps = lengths - 1  # (B,) predictions per caption
         order = torch.argsort(steps, descending=True, stable=True)
-        features, captions, steps = features[order], captions[order], steps[order]
-        memory = self.attend_memory(features)
+        captions, steps = captions[order], steps[order]
+        memory = Memory(*(m.index_select(0, image_index[order]) for m in self.attend_memory(features)))  # rows (B)
         state = self.init_state(memory)
         emb = self.embedding(captions[:, :-1])  # (B, L-1, m)
-        hs = features.new_zeros(B, L - 1, self.config.hidden_dim)  # (B, L-1, n)
-        contexts = features.new_zeros(B, L - 1, self.config.feature_dim)  # (B, L-1, D)
-        alphas = features.new_zeros(B, L - 1, features.size(1))  # (B, L-1, P)
+        hs, contexts, alphas = [], [], []
         for t in range(int(steps.max())):
             n = int((steps > t).sum())  # rows still writing at step t (a prefix: sorted)
             mem_t = Memory(*(m[:n] for m in memory))
             state = tuple(s[:n] for s in state)
             state, context, alpha = self._advance(emb[:n, t], state, mem_t)
-            hs[:n, t], contexts[:n, t], alphas[:n, t] = state[0], context, alpha
+            hs.append(state[0])  # (n, n_hidden)
+            contexts.append(context)  # (n, D)
+            alphas.append(alpha)  # (n, P)
+        hs, contexts, alphas = (_pad_steps(x, B, L - 1) for x in (hs, contexts, alphas))  # (B, L-1, .)
         logits = self._output(emb, hs, contexts)  # (B, L-1, V), batched over time
         inverse = torch.argsort(order)
         return logits[inverse], alphas[inverse]
@@ -177,6 +183,13 @@ class ShowAttendTell(nn.Module):
         else:
             x = h
         return self.out(self.dropout(x))  # (.., V)
+
+
+def _pad_steps(rows: list[torch.Tensor], batch: int, steps: int) -> torch.Tensor:
+    """Per-step tensors (n_t, X) with n_t shrinking -> (batch, steps, X), zeros where a caption had ended."""
+    padded = [F.pad(r, (0, 0, 0, batch - r.size(0))) for r in rows]
+    out = torch.stack(padded, dim=1)  # (batch, T, X)
+    return F.pad(out, (0, 0, 0, steps - out.size(1)))
 
 
 def doubly_stochastic_penalty(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

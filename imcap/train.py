@@ -45,6 +45,7 @@ class TrainConfig:
     val_beam: int = 1  # beam size of validation decoding (1 = greedy)
     val_max_length: int = 30  # words per validation caption
     val_images: int = 0  # validate on the first N validation images (0: all)
+    group_by_image: bool = True  # batches hold all captions of their images: each image is projected once
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
     seed: int = 0  # initialisation, batch order and dropout
 
@@ -91,10 +92,21 @@ class CaptionPairs:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def epoch_order(self, generator: torch.Generator, group_by_image: bool) -> torch.Tensor:
+        """A shuffled order of all captions; grouped: images shuffled, each image's captions together."""
+        if not group_by_image:
+            return torch.randperm(len(self), generator=generator)
+        images = torch.unique(self.rows)
+        rank = torch.empty(int(images.max()) + 1, dtype=torch.long)
+        rank[images[torch.randperm(len(images), generator=generator)]] = torch.arange(len(images))
+        return torch.argsort(rank[self.rows], stable=True)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features (I, P, D) of the batch's distinct images, captions (B, L), lengths (B,), image index (B,)."""
         lengths = self.lengths[idx]
         captions = self.captions[idx, : int(lengths.max())]  # (B, L) trimmed to the longest
-        return self.store.get(self.rows[idx].numpy()), captions, lengths
+        rows, image_index = torch.unique(self.rows[idx], return_inverse=True)
+        return self.store.get(rows.numpy()), captions, lengths, image_index
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -206,7 +218,8 @@ class Trainer:
             if cfg.patience and p.epochs_since_best >= cfg.patience:
                 stopped = "early stopping"
                 break
-            order = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + p.epoch))
+            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + p.epoch)
+            order = self.train_pairs.epoch_order(generator, cfg.group_by_image)
             batches = order.split(cfg.batch_size)
             t0, seen, losses = time.time(), 0, []
             bar = tqdm(total=len(batches), initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
@@ -239,8 +252,9 @@ class Trainer:
             writer.close()
         return self._summary(stopped)
 
-    def _step(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[float, dict]:
-        logits, alphas = self.model(features, captions, lengths)  # (B, T, V), (B, T, P)
+    def _step(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+              image_index: torch.Tensor) -> tuple[float, dict]:
+        logits, alphas = self.model(features, captions, lengths, image_index)  # (B, T, V), (B, T, P)
         loss, parts = caption_loss(logits, captions[:, 1:], alphas, lengths, alpha_c=self.cfg.alpha_c,
                                    label_smoothing=self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)

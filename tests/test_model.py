@@ -95,3 +95,13 @@ def test_loss_ignores_padding_and_decreases_when_overfitting():
 def test_bad_rnn_name():
     with pytest.raises(ValueError, match="rnn"):
         ShowAttendTell(ModelConfig(vocab_size=5, rnn="transformer"))
+
+
+def test_captions_sharing_an_image_equal_repeated_features():
+    """image_index (each image projected once) gives what repeating the features per caption gives."""
+    model = tiny()
+    features, captions, lengths = batch()
+    index = torch.tensor([2, 0, 2])
+    a = model(features[index], captions, lengths)
+    b = model(features, captions, lengths, image_index=index)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))

@@ -81,3 +81,19 @@ def test_learning_rate_schedule():
     assert learning_rate(cfg, 9, 100) == pytest.approx(1.0)
     assert learning_rate(cfg, 100, 100) == pytest.approx(0.1)
     assert learning_rate(TrainConfig(lr=2.0, warmup_steps=0, lr_schedule="constant"), 50, 100) == 2.0
+
+
+def test_grouped_epoch_order_keeps_each_images_captions_together(data_dir):
+    from imcap.datasets import load_dataset, load_vocab
+    from imcap.features import FeatureStore
+    from imcap.train import CaptionPairs
+
+    _, images = load_dataset(data_dir)
+    pairs = CaptionPairs(images, load_vocab(data_dir), FeatureStore.open(data_dir), "train", 30)
+    order = pairs.epoch_order(torch.Generator().manual_seed(0), group_by_image=True)
+    assert sorted(order.tolist()) == list(range(len(pairs)))
+    rows = pairs.rows[order].tolist()
+    runs = [r for i, r in enumerate(rows) if i == 0 or r != rows[i - 1]]
+    assert len(runs) == len(set(rows))  # one contiguous run per image
+    features, captions, lengths, index = pairs.batch(order[:12])
+    assert features.size(0) == len(set(rows[:12])) and torch.equal(pairs.rows[order[:12]], torch.unique(pairs.rows[order[:12]])[index])
