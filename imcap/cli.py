@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imcap {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # output piped into head & co.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"imcap {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -388,6 +388,7 @@ def _check_images(records: list[ImageRecord], root: Path, counts: Counter, probl
         path = root / r.file
         if not path.exists():
             counts["missing"] += 1
+            counts["missing:" + (r.split or "no split")] += 1
             problems.append(_problem(path, f"image {r.id}: listed but not found"))
             continue
         try:
@@ -482,11 +483,11 @@ def prepare(source: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
     counted and listed in the report, never fatal. DatasetError when SOURCE is malformed or no image is usable.
     """
     _check_options(fmt, min_count, max_length, val_fraction, test_fraction, split)
-    source, out_dir = Path(source).absolute(), Path(out_dir).absolute()
+    source, out_dir = Path(source).resolve(), Path(out_dir).resolve()
     tokenizer = get_tokenizer(language or ("zh" if fmt == "aic" else "en"))
     records, problems = read_source(source, fmt)
     files = [r.file for r in records]
-    root = Path(images).absolute() if images is not None else default_image_root(source, fmt, files)
+    root = Path(images).resolve() if images is not None else default_image_root(source, fmt, files)
     if not root.is_dir():
         raise DatasetError(f"{root}: image folder not found")
     where = caption_file(source, fmt)
@@ -530,6 +531,7 @@ def _report(dataset: dict, records: list[ImageRecord], vocabulary: Vocabulary, v
         "images_listed": counts["listed"],  # = present + missing + unreadable + duplicate + bad_path
         "images_present": counts["present"],  # exist and open
         "images_missing": counts["missing"],
+        "images_missing_by_split": {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith("missing:")},
         "images_unreadable": counts["unreadable"],
         "images_duplicate": counts["duplicate"],
         "images_bad_path": counts["bad_path"],
@@ -557,10 +559,12 @@ def format_summary(report: dict) -> str:
     skipped = r["images_duplicate"] + r["images_bad_path"] + r["images_without_captions"]
     splits = ", ".join(f"{s} {n:,}" for s, n in r["splits"].items())
     unk = r["tokens_unk"] / max(r["tokens"], 1)
+    missing = r.get("images_missing_by_split", {})
+    by_split = f" ({', '.join(f'{s} {n:,}' for s, n in missing.items())})" if missing else ""
     vocab_from = f"from {r['vocab_from']}" if r["vocab_from"] else f"min count {r['vocab_min_count']}, built on train"
     lines = [
         f"{r['format']}: {r['source']} (images in {r['image_root']})",
-        f"images: {r['images_listed']:,} listed, {r['images_present']:,} present, {r['images_missing']:,} missing, "
+        f"images: {r['images_listed']:,} listed, {r['images_present']:,} present, {r['images_missing']:,} missing{by_split}, "
         f"{r['images_unreadable']:,} unreadable" + (f", {skipped:,} skipped" if skipped else ""),
         f"splits ({r['split_source']}): {splits}" + (f", in no split {r['images_no_split']:,}" if r["images_no_split"] else ""),
         f"captions: {r['captions']:,} kept, {r['captions_empty']:,} empty dropped, "

@@ -115,7 +115,7 @@ def test_prepare_karpathy(tmp_path):
 def test_prepare_summary(tmp_path):
     out = tmp_path / "data"
     summary = format_summary(prepare(write_karpathy(tmp_path), "karpathy", out, min_count=1, progress=False))
-    assert "7 listed, 3 present, 1 missing, 1 unreadable" in summary
+    assert "7 listed, 3 present, 1 missing (test 1), 1 unreadable" in summary
     assert "train 2, val 1, test 0" in summary
     assert str(out / "report.json") in summary
 
