@@ -91,14 +91,35 @@ class ShowAttendTell(nn.Module):
         self.init_h = nn.Linear(c.feature_dim, c.hidden_dim)  # f_init_h
         self.init_c = nn.Linear(c.feature_dim, c.hidden_dim) if c.rnn == "lstm" else None  # f_init_c
         self.f_beta = nn.Linear(c.hidden_dim, 1) if c.gate else None
-        cell = nn.LSTMCell if c.rnn == "lstm" else nn.GRUCell
-        self.rnn = cell(c.embed_dim + c.feature_dim, c.hidden_dim)
+        # The recurrent cell on input [E y; z]: its gates are W_e E y + W_z z + W_h h (+ biases), G of them.
+        G = (4 if c.rnn == "lstm" else 3) * c.hidden_dim
+        self.gates_e = nn.Linear(c.embed_dim, G)  # W_e, with the input bias
+        self.gates_z = nn.Linear(c.feature_dim, G, bias=False)  # W_z
+        self.gates_h = nn.Linear(c.hidden_dim, G, bias=c.rnn == "gru")  # W_h (a GRU's b_hn sits inside r * (.))
         if c.deep_output:
             self.out_h = nn.Linear(c.hidden_dim, c.embed_dim)  # L_h
             self.out_z = nn.Linear(c.feature_dim, c.embed_dim)  # L_z
         self.dropout = nn.Dropout(c.dropout)
         self.out = nn.Linear(c.embed_dim if c.deep_output else c.hidden_dim, c.vocab_size)  # L_o
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        for layer in (self.gates_e, self.gates_z, self.gates_h):  # as nn.LSTMCell / nn.GRUCell initialise
+            for p in layer.parameters():
+                nn.init.uniform_(p, -c.hidden_dim**-0.5, c.hidden_dim**-0.5)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also accepts weights saved before the cell's parameters were split (an nn.LSTMCell/GRUCell `rnn`)."""
+        if "rnn.weight_ih" in state_dict:
+            state_dict = dict(state_dict)
+            m = self.config.embed_dim
+            w_ih, w_hh = state_dict.pop("rnn.weight_ih"), state_dict.pop("rnn.weight_hh")
+            b_ih, b_hh = state_dict.pop("rnn.bias_ih"), state_dict.pop("rnn.bias_hh")
+            state_dict["gates_e.weight"], state_dict["gates_z.weight"] = w_ih[:, :m], w_ih[:, m:]
+            state_dict["gates_h.weight"] = w_hh
+            if self.config.rnn == "lstm":
+                state_dict["gates_e.bias"] = b_ih + b_hh
+            else:
+                state_dict["gates_e.bias"], state_dict["gates_h.bias"] = b_ih, b_hh
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # --- the search contract -------------------------------------------------------------------
 
@@ -117,7 +138,7 @@ class ShowAttendTell(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
         """One decoding step. tokens: (B,) previous words -> log_probs (B, V), new state, alpha (B, P)."""
         emb = self.embedding(tokens)  # (B, m)
-        state, context, alpha = self._advance(emb, state, memory)
+        state, context, alpha = self._advance(self.gates_e(emb), state, memory)
         logits = self._output(emb, state[0], context)  # (B, V)
         return F.log_softmax(logits, dim=-1), state, alpha
 
@@ -145,12 +166,13 @@ class ShowAttendTell(nn.Module):
         memory = Memory(*(m.index_select(0, image_index[order]) for m in self.attend_memory(features)))  # rows (B)
         state = self.init_state(memory)
         emb = self.embedding(captions[:, :-1])  # (B, L-1, m)
+        gates_e = self.gates_e(emb)  # (B, L-1, G): the words' share of the gates, batched over time
         hs, contexts, alphas = [], [], []
         for t in range(int(steps.max())):
             n = int((steps > t).sum())  # rows still writing at step t (a prefix: sorted)
             mem_t = Memory(*(m[:n] for m in memory))
             state = tuple(s[:n] for s in state)
-            state, context, alpha = self._advance(emb[:n, t], state, mem_t)
+            state, context, alpha = self._advance(gates_e[:n, t], state, mem_t)
             hs.append(state[0])  # (n, n_hidden)
             contexts.append(context)  # (n, D)
             alphas.append(alpha)  # (n, P)
@@ -162,19 +184,29 @@ class ShowAttendTell(nn.Module):
     # --- shared pieces ---------------------------------------------------------------------------
 
     def _advance(
-        self, emb: torch.Tensor, state: tuple[torch.Tensor, ...], memory: Memory
+        self, gates_e: torch.Tensor, state: tuple[torch.Tensor, ...], memory: Memory
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-        """Attend with h_{t-1}, gate, and run the recurrent cell: one step without the output layer."""
+        """Attend with h_{t-1}, gate, and run the recurrent cell: one step without the output layer.
+
+        gates_e: (B, G) = W_e E y_{t-1} + b, the word's share of the gates (batched over time in training).
+        LSTM (gate order i, f, g, o as nn.LSTMCell):  c = sig(f) c + sig(i) tanh(g);  h = sig(o) tanh(c).
+        GRU (as nn.GRUCell):  r, u = sig(x_r + h_r), sig(x_u + h_u);  n = tanh(x_n + r h_n);  h = (1-u) n + u h.
+        """
         h = state[0]
         context, alpha = self.attention(memory, h)  # (B, D), (B, P)
         if self.f_beta is not None:
             context = torch.sigmoid(self.f_beta(h)) * context  # beta: (B, 1)
-        x = torch.cat([emb, context], dim=1)  # (B, m + D)
+        gates_x = gates_e + self.gates_z(context)  # (B, G): + W_z z
         if self.config.rnn == "lstm":
-            state = self.rnn(x, state)  # (h, c)
-        else:
-            state = (self.rnn(x, h),)
-        return state, context, alpha
+            i, f, g, o = (gates_x + self.gates_h(h)).chunk(4, dim=1)  # (B, n) each
+            c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
+            return (torch.sigmoid(o) * torch.tanh(c), c), context, alpha
+        gates_h = self.gates_h(h)  # (B, 3n)
+        x_r, x_z, x_n = gates_x.chunk(3, dim=1)
+        h_r, h_z, h_n = gates_h.chunk(3, dim=1)
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return ((1 - z) * n + z * h,), context, alpha
 
     def _output(self, emb: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Deep output layer; works on (B, ., .) or (B, T, .) alike."""

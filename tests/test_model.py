@@ -105,3 +105,23 @@ def test_captions_sharing_an_image_equal_repeated_features():
     a = model(features[index], captions, lengths)
     b = model(features, captions, lengths, image_index=index)
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+def test_cell_equals_torch_cells_and_old_checkpoints_load(rnn):
+    """The explicit cell computes what nn.LSTMCell / nn.GRUCell compute; their weights load into it."""
+    model = tiny(rnn, gate=False)
+    cfg = model.config
+    cell = (torch.nn.LSTMCell if rnn == "lstm" else torch.nn.GRUCell)(cfg.embed_dim + cfg.feature_dim, cfg.hidden_dim)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("gates_")}
+    old.update({f"rnn.{k}": v for k, v in cell.state_dict().items()})
+    model.load_state_dict(old)
+    features, captions, _ = batch()
+    memory = model.attend_memory(features)
+    state = model.init_state(memory)
+    emb = model.embedding(captions[:, 0])
+    new_state, context, _ = model._advance(model.gates_e(emb), state, memory)
+    x = torch.cat([emb, context], dim=1)
+    expected = cell(x, state) if rnn == "lstm" else (cell(x, state[0]),)
+    for a, b in zip(new_state, expected):
+        assert torch.allclose(a, b, atol=1e-6)
