@@ -64,6 +64,8 @@ def cmd_train(a) -> int:
     cfg = TrainConfig(**{k: getattr(a, k) for k in fields if getattr(a, k, None) is not None})
     summary = train(a.data_dir, a.out, model_config=model_config, train_config=cfg, features=a.features,
                     progress=not a.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return EXIT_OK
     best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best_val"].items())
     print(f"training stopped ({summary['stopped']}) after {summary['epochs']} epochs; "
           f"best epoch {summary['best_epoch']}: {best or 'no validation split'}; run: {summary['out_dir']}")

@@ -241,14 +241,18 @@ def caption_loss(
     *,
     alpha_c: float = 1.0,
     label_smoothing: float = 0.0,
+    totals: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy over real words (padding masked) + alpha_c * doubly stochastic penalty.
 
     logits: (B, T, V) with T = L-1; targets: (B, T) = captions[:, 1:]; lengths: (B,) caption lengths L_b.
+    totals: (words, captions) of the whole batch when this is one shard of it (distributed training):
+    the word and caption sums are divided by those, so the shards' losses add up to the batch's loss.
     """
     T = targets.size(1)
     mask = torch.arange(T, device=targets.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
-    xent = F.cross_entropy(logits[mask], targets[mask], label_smoothing=label_smoothing)
-    penalty = doubly_stochastic_penalty(alphas, mask)
+    words, captions = totals or (float(mask.sum()), float(targets.size(0)))
+    xent = F.cross_entropy(logits[mask], targets[mask], label_smoothing=label_smoothing, reduction="sum") / words
+    penalty = doubly_stochastic_penalty(alphas, mask) * targets.size(0) / captions
     loss = xent + alpha_c * penalty
     return loss, {"xent": float(xent.detach()), "attention_penalty": float(penalty.detach())}

@@ -58,6 +58,57 @@ class TrainConfig:
 
 
 @dataclass
+class Distributed:
+    """Where this process stands in a torchrun job (rank 0 of 1 when run alone).
+
+    torchrun sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; the gloo backend runs on CPUs, NCCL on GPUs.
+    Every process sees the same batches; each takes its share of the rows (rank::world) and DDP averages
+    the gradients, so N processes train the model one process would, with the same global batch size.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items):
+        return items[self.rank :: self.world]
+
+    def sum(self, value: float) -> float:
+        """`value` added up over the processes (each computes a shard of one batch's loss)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t)
+
+    def gather(self, obj) -> list:
+        """Every process's `obj`, in rank order (just [obj] alone)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+@dataclass
 class Progress:
     """Where training is; saved in every checkpoint."""
 
@@ -121,21 +172,24 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 def validate(
     model: ShowAttendTell, images: list[dict], store: FeatureStore, vocab: Vocabulary, options: DecodingOptions,
-    limit: int = 0, batch_size: int = 100,
+    limit: int = 0, batch_size: int = 100, dist: Distributed = Distributed(),
 ) -> tuple[dict, dict[str, list[str]]]:
-    """Decode the validation images for real (no teacher forcing); BLEU-1..4 and CIDEr on tokens."""
+    """Decode the validation images for real (no teacher forcing); BLEU-1..4 and CIDEr on tokens.
+    Distributed: each process decodes its share and every process scores all of them."""
     rows = [i for i, im in enumerate(images) if im.get("split") == "val" and store.ok[i]]
     rows = rows[:limit] if limit else rows
     if not rows:
         return {}, {}
     was_training = model.training
     model.eval()
-    hyps: dict[str, list[str]] = {}
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    mine: dict[str, list[str]] = {}
+    shard = dist.shard(rows)
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
         for i, best in zip(chunk, decode(model, store.get(np.array(chunk)), options)):
-            hyps[images[i]["id"]] = vocab.decode(best[0].tokens)
+            mine[images[i]["id"]] = vocab.decode(best[0].tokens)
     model.train(was_training)
+    hyps = {k: v for part in dist.gather(mine) for k, v in part.items()}
     refs = {images[i]["id"]: images[i]["tokens"] for i in rows}
     return validation_scores(refs, hyps), hyps
 
@@ -145,7 +199,9 @@ class Trainer:
 
     def __init__(self, data_dir: str | os.PathLike, out_dir: str | os.PathLike, model_config: dict | None = None,
                  train_config: TrainConfig | None = None, features: str | None = None, log=print):
-        self.data_dir, self.out_dir, self.log = Path(data_dir).resolve(), Path(out_dir), log
+        self.dist = Distributed.from_env()
+        self.data_dir, self.out_dir = Path(data_dir).resolve(), Path(out_dir)
+        self.log = log if self.dist.main else (lambda *a, **k: None)
         self.meta, self.images = load_dataset(self.data_dir)
         self.vocab = load_vocab(self.data_dir)
         resume = (self.out_dir / "checkpoint").exists() or (self.out_dir / "checkpoint.old").exists()
@@ -168,6 +224,9 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = ShowAttendTell(self.model_config)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.net = self.model  # what training calls: the model, or its DistributedDataParallel wrapper
+        if self.dist.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model)
         max_len = int(self.meta.get("max_length", 30))
         self.train_pairs = CaptionPairs(self.images, self.vocab, self.store, "train", max_len)
         if len(self.train_pairs) == 0:
@@ -177,7 +236,7 @@ class Trainer:
             self.model.load_state_dict(saved[1])
             ckpt.load_training_state(self.out_dir / "checkpoint", self.optimizer, saved[0])
             self.progress = Progress(**saved[0]["progress"])
-            log(f"resuming {self.out_dir} at epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
+            self.log(f"resuming {self.out_dir} at epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -203,13 +262,16 @@ class Trainer:
         }
 
     def save(self, name: str = "checkpoint", metrics: dict | None = None) -> None:
+        """Rank 0 writes; the others have the same weights."""
+        if not self.dist.main:
+            return
         ckpt.save_checkpoint(self.out_dir / name, self.model, self.checkpoint_meta(metrics), self.optimizer if name == "checkpoint" else None)
 
     def train(self, progress_bar: bool = True, stop_after_steps: int | None = None) -> dict:
         """Run until cfg.epochs, early stopping, or stop_after_steps global steps (then checkpoint and return)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cfg, p = self.cfg, self.progress
-        writer = _tensorboard(self.out_dir / "tb", p.global_step)
+        writer = _tensorboard(self.out_dir / "tb", p.global_step) if self.dist.main else None
         total_steps = cfg.epochs * self.steps_per_epoch
         options = DecodingOptions(beam_size=cfg.val_beam, max_length=cfg.val_max_length)
         self.model.train()
@@ -220,18 +282,18 @@ class Trainer:
                 break
             generator = torch.Generator().manual_seed(cfg.seed * 100_003 + p.epoch)
             order = self.train_pairs.epoch_order(generator, cfg.group_by_image)
-            batches = order.split(cfg.batch_size)
+            batches = self._batches(order)
             t0, seen, losses = time.time(), 0, []
             bar = tqdm(total=len(batches), initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
-                       disable=not progress_bar, leave=False, file=sys.stderr, dynamic_ncols=True)
+                       disable=not progress_bar or not self.dist.main, leave=False, file=sys.stderr, dynamic_ncols=True)
             for idx in batches[p.step_in_epoch :]:
                 lr = learning_rate(cfg, p.global_step, total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss, parts = self._step(*self.train_pairs.batch(idx))
+                loss, parts = self._step(idx)
                 p.step_in_epoch += 1
                 p.global_step += 1
-                seen += len(idx)
+                seen += len(idx)  # captions of the whole batch, over all processes
                 losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", caps_per_s=f"{seen / (time.time() - t0):.0f}")
@@ -252,22 +314,33 @@ class Trainer:
             writer.close()
         return self._summary(stopped)
 
-    def _step(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-              image_index: torch.Tensor) -> tuple[float, dict]:
-        logits, alphas = self.model(features, captions, lengths, image_index)  # (B, T, V), (B, T, P)
+    def _batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """Split an epoch's order into batches; with N processes no batch is smaller than N captions."""
+        batches = list(order.split(self.cfg.batch_size))
+        if len(batches) > 1 and len(batches[-1]) < self.dist.world:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
+
+    def _step(self, idx: torch.Tensor) -> tuple[float, dict]:
+        """One optimizer step on the batch `idx` (this process computes its shard of it)."""
+        lengths_all = self.train_pairs.lengths[idx]
+        totals = (float((lengths_all - 1).sum()), float(len(idx)))  # words and captions of the whole batch
+        features, captions, lengths, image_index = self.train_pairs.batch(self.dist.shard(idx))
+        logits, alphas = self.net(features, captions, lengths, image_index)  # (B, T, V), (B, T, P)
         loss, parts = caption_loss(logits, captions[:, 1:], alphas, lengths, alpha_c=self.cfg.alpha_c,
-                                   label_smoothing=self.cfg.label_smoothing)
+                                   label_smoothing=self.cfg.label_smoothing, totals=totals)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * self.dist.world).backward()  # DDP averages gradients over processes: undo it, shards add up
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        return float(loss.detach()), parts
+        return self.dist.sum(float(loss.detach())), {k: self.dist.sum(v) for k, v in parts.items()}
 
     def _end_epoch(self, options: DecodingOptions, loss: float, seconds: float, seen: int, writer) -> None:
         p = self.progress
         t0 = time.time()
-        scores, hyps = validate(self.model, self.images, self.store, self.vocab, options, self.cfg.val_images)
+        scores, hyps = validate(self.model, self.images, self.store, self.vocab, options, self.cfg.val_images,
+                                dist=self.dist)
         p.epoch += 1
         p.step_in_epoch = 0
         record = {"epoch": p.epoch, "step": p.global_step, "train_loss": loss, "train_seconds": round(seconds, 2),

@@ -24,3 +24,20 @@ def shared_data() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A DATA_DIR of 40 synthetic scenes (64 px) with features from a random-weight encoder (2x2 grid)."""
+    from imcap.datasets import prepare
+    from imcap.encoders import build_encoder
+    from imcap.features import extract_features
+    from imcap.synth import make_scenes
+
+    root = tmp_path_factory.mktemp("tiny")
+    scenes = make_scenes(root / "scenes", n_images=40, seed=1, image_size=64, progress=False)
+    prepare(scenes, "karpathy", root / "data", min_count=1, progress=False)
+    torch.manual_seed(0)
+    extract_features(root / "data", encoder=build_encoder("efficientnet-lite0", 64, pretrained=False),
+                     image_size=64, progress=False)
+    return root / "data"

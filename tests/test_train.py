@@ -6,23 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from imcap.datasets import prepare
-from imcap.encoders import build_encoder
-from imcap.features import extract_features
-from imcap.synth import make_scenes
 from imcap.train import TrainConfig, learning_rate, train
 
 MODEL = {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 16, "dropout": 0.3}
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    scenes = make_scenes(root / "scenes", n_images=40, seed=1, image_size=64, progress=False)
-    prepare(scenes, "karpathy", root / "data", min_count=1, progress=False)
-    extract_features(root / "data", encoder=build_encoder("efficientnet-lite0", 64, pretrained=False),
-                     image_size=64, progress=False)
-    return root / "data"
+def data_dir(tiny_data):
+    return tiny_data
 
 
 def config(**kw) -> TrainConfig:
