@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .distributed import Distributed
 from .encoders import EncoderSpec, ImageEncoder, build_encoder
 from .fileio import write_bytes_atomic, write_json_atomic
 from .images import ImageError, load_image
@@ -232,7 +233,12 @@ def extract_features(
     encoder: a name from ENCODERS (built pretrained), or a built ImageEncoder whose spec.image_size must equal
     image_size. Rows with status 0 (never done) or 2 (failed before) are processed; unreadable images get status 2
     and one line on stderr. threads: torch threads for the CNN (None: leave as is). Returns a summary dict.
+
+    Under torchrun each process encodes every world-th image still to do, into the same memory map (rows
+    are disjoint); each keeps its own status file (status.rank<r>.u8) that rank 0 merges at the end, and
+    at the start of any later run, so a killed distributed extraction resumes like a single one.
     """
+    dist = Distributed.from_env()
     if isinstance(encoder, str):
         encoder = build_encoder(encoder, image_size)
     elif encoder.spec.image_size != image_size:
@@ -241,25 +247,32 @@ def extract_features(
     if not files:
         raise FeatureStoreError(f"{Path(data_dir) / 'dataset.json'} lists no images")
     path = store_dir(data_dir, encoder.spec.name, image_size)
-    features, status, index = open_for_writing(path, encoder.spec, files, overwrite)
-    todo = np.flatnonzero(status != DONE)
+    if dist.main:
+        open_for_writing(path, encoder.spec, files, overwrite)  # create (or check) the store first
+        _merge_rank_status(path)
+    dist.barrier()
+    features, status, index = open_for_writing(path, encoder.spec, files)
+    status_file = path / ("status.u8" if dist.world == 1 else f"status.rank{dist.rank}.u8")
+    todo = dist.shard(np.flatnonzero(status != DONE))
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     paths = [image_root / f for f in files]
 
     def commit(batch: _Batch) -> None:
         for _, problem in batch.failures:
             _report(problem, progress)
-        if _record_failures(index, batch, files):
+        if _record_failures(index, batch, files) and dist.world == 1:
             write_json_atomic(path / "index.json", index)
-        write_bytes_atomic(path / "status.u8", status.tobytes())
+        write_bytes_atomic(status_file, status.tobytes())
 
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc=path.name, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="img", desc=path.name, disable=not progress or not dist.main, dynamic_ncols=True)
     batches = _prefetch(lambda rows: _load_batch(rows, paths, encoder.preprocess), chunks)
     with _torch_threads(threads) as n_threads, bar, closing(batches):
         encoded, waited = _run(encoder, batches, features, status, commit, bar)
     seconds = time.perf_counter() - start
     del features  # close the memory map
+    if dist.world > 1:
+        status, encoded = _finish_distributed(dist, path, index), int(dist.sum(encoded))
     failed = [f for f in index["failures"] if status[f["index"]] == FAILED]
     return {
         "store": str(path),
@@ -276,6 +289,33 @@ def extract_features(
         "threads": n_threads,
         "bytes_per_image": index["P"] * index["D"] * 2,
     }
+
+
+def _merge_rank_status(path: Path) -> np.ndarray:
+    """Fold status.rank*.u8 (left by a distributed run) into status.u8: done anywhere wins, then failed."""
+    status = np.fromfile(path / "status.u8", dtype=np.uint8)
+    parts = sorted(path.glob("status.rank*.u8"))
+    if parts:
+        for part in parts:
+            other = np.fromfile(part, dtype=np.uint8)
+            status = np.where((other == DONE) | ((other == FAILED) & (status != DONE)), other, status)
+        write_bytes_atomic(path / "status.u8", status.tobytes())
+        for part in parts:
+            part.unlink()
+    return status
+
+
+def _finish_distributed(dist: Distributed, path: Path, index: dict) -> np.ndarray:
+    """After every process is done: rank 0 merges statuses and failures; all return the merged status."""
+    failures = [f for part in dist.gather(index["failures"]) for f in part]
+    dist.barrier()  # every rank's status file is written
+    if dist.main:
+        status = _merge_rank_status(path)
+        still = {f["index"]: f for f in failures if status[f["index"]] == FAILED}
+        index["failures"] = [still[i] for i in sorted(still)]
+        write_json_atomic(path / "index.json", index)
+    dist.barrier()
+    return np.fromfile(path / "status.u8", dtype=np.uint8)
 
 
 # ---------------------------------------------------------------- reading

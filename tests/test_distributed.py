@@ -26,3 +26,24 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     for k in one:
         assert torch.allclose(one[k], two[k], atol=2e-4), k
     assert not any(p.name.startswith("rank") for p in (tmp_path / "two").iterdir())
+
+
+def test_two_processes_extract_the_same_features(tmp_path):
+    from imcap.datasets import prepare
+    from imcap.features import FeatureStore
+    from imcap.synth import make_scenes
+
+    scenes = make_scenes(tmp_path / "scenes", n_images=12, seed=4, image_size=64, progress=False)
+    for name in ("one", "two"):
+        prepare(scenes, "karpathy", tmp_path / name, min_count=1, progress=False)
+    (tmp_path / "scenes/images/scene_00003.png").write_text("broken")  # one bad image: reported, not fatal
+    one = subprocess.run([sys.executable, "-m", "imcap", "features", str(tmp_path / "one"), "--image-size", "64",
+                          "--quiet", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "imcap", "features", str(tmp_path / "two"), "--image-size", "64", "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 1 and two.returncode != 0  # the broken image makes both report a failure
+    a, b = FeatureStore.open(tmp_path / "one"), FeatureStore.open(tmp_path / "two")
+    assert (a.status == b.status).all() and int((b.status == 2).sum()) == 1 and int((b.status == 1).sum()) == 11
+    assert torch.allclose(torch.from_numpy(a.features[:].astype("float32")), torch.from_numpy(b.features[:].astype("float32")), atol=1e-2)
+    assert not list((tmp_path / "two/features").glob("*/status.rank*"))
