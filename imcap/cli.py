@@ -142,6 +142,17 @@ def cmd_demo(a) -> int:
     return run_demo(a.out, n_images=a.images, epochs=a.epochs, seed=a.seed, progress=not a.quiet)
 
 
+def cmd_serve(a) -> int:
+    from .server import serve
+
+    _threads(a.threads)
+    if a.max_upload_mb <= 0 or a.concurrency < 1 or a.queue < 0:
+        raise ValueError("--max-upload-mb must be > 0, --concurrency >= 1 and --queue >= 0")
+    serve(a.run_dir, a.host, a.port, max_upload_bytes=int(a.max_upload_mb * 1_000_000), max_concurrency=a.concurrency,
+          max_queue=a.queue, log_level="warning" if a.quiet else "info")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imcap", description="Show, Attend and Tell image captioning")
     p.add_argument("--version", action="version", version=f"imcap {__import__('imcap').__version__}")
@@ -222,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--attention", metavar="OUT_DIR", help="write one attention figure per image here")
             s.add_argument("--batch-size", type=int, default=16, help="images per batch")
             s.set_defaults(func=cmd_caption)
+
+    s = sub.add_parser("serve", help="serve the HTTP API and the web page for a trained run")
+    s.add_argument("run_dir", help="RUN_DIR (its best checkpoint) or a checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (all images together)")
+    s.add_argument("--concurrency", type=int, default=1, help="requests captioned at the same time")
+    s.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 503 + Retry-After")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", help="synth -> prepare -> features -> train -> evaluate -> caption, on synthetic scenes")
     s.add_argument("--out", default="demo-out", help="folder for everything the demo writes")

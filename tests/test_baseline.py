@@ -1,0 +1,111 @@
+"""The benchmark's baseline computes the same function as the fast path, and its FLOP count is the right one."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+repo = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(repo / "benchmarks"))
+
+from baseline import TutorialDecoder, cell_parameters  # noqa: E402
+from run import decode_tokens, train_flops, training_step  # noqa: E402
+
+from imcap.decoding import DecodingOptions  # noqa: E402
+from imcap.model import ModelConfig, ShowAttendTell  # noqa: E402
+from imcap.text import END  # noqa: E402
+
+P, D, V = 6, 10, 23
+
+
+def tiny(rnn="lstm", seed=0, **kw) -> ShowAttendTell:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=V, feature_dim=D, embed_dim=8, hidden_dim=12, attention_dim=9, rnn=rnn, **kw)
+    return ShowAttendTell(cfg).eval()
+
+
+def batch(seed=0):
+    """3 images, 7 captions of different lengths, two images with several captions."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.rand(3, P, D, generator=g)  # (I, P, D)
+    lengths = torch.tensor([9, 4, 6, 9, 3, 5, 7])  # (B,)
+    captions = torch.randint(4, V, (7, 9), generator=g)  # (B, L)
+    captions[:, 0] = 1
+    captions[torch.arange(7), lengths - 1] = END
+    image_index = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    return features, captions, lengths, image_index
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+def test_baseline_gives_the_fast_paths_logits_and_alphas(rnn):
+    model = tiny(rnn)
+    baseline = TutorialDecoder(model).eval()
+    features, captions, lengths, image_index = batch()
+    with torch.no_grad():
+        logits, alphas = model(features, captions, lengths, image_index)
+        b_logits, b_alphas = baseline(features, captions, lengths, image_index)
+    mask = torch.arange(captions.size(1) - 1) < (lengths - 1).unsqueeze(1)  # (B, T) positions that predict a word
+    assert torch.allclose(logits[mask], b_logits[mask], atol=1e-5)
+    assert torch.allclose(alphas[mask], b_alphas[mask], atol=1e-5)
+    assert torch.allclose(b_alphas.sum(2), mask.float(), atol=1e-5)  # zero past each caption's end
+
+
+def test_baseline_gives_the_fast_paths_gradients():
+    model = tiny(dropout=0.0).train()
+    baseline = TutorialDecoder(model).train()
+    features, captions, lengths, image_index = batch(1)
+    for module in (model, baseline):
+        logits, alphas = module(features, captions, lengths, image_index)
+        mask = torch.arange(captions.size(1) - 1) < (lengths - 1).unsqueeze(1)
+        (logits[mask].square().sum() + (alphas[mask] * torch.arange(P)).sum()).backward()
+    pairs = [
+        (model.embedding, baseline.embedding), (model.attention.feature_proj, baseline.encoder_att),
+        (model.attention.hidden_proj, baseline.decoder_att), (model.attention.score, baseline.full_att),
+        (model.init_h, baseline.init_h), (model.init_c, baseline.init_c), (model.f_beta, baseline.f_beta),
+        (model.out_h, baseline.out_h), (model.out_z, baseline.out_z), (model.out, baseline.fc),
+    ]
+    for fast, base in pairs:
+        for (name, p), q in zip(fast.named_parameters(), base.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    cell = baseline.decode_step
+    for g, q in zip(cell_parameters(model, lambda p: p.grad), (cell.weight_ih, cell.weight_hh, cell.bias_ih)):
+        assert torch.allclose(g, q.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"rnn": "gru"}, {"gate": False, "deep_output": False}])
+def test_train_flops_count_the_fast_paths_matmuls(kw):
+    """On captions of one length and distinct images the fast path does exactly the useful work; the baseline
+    does the projection W_a a once per caption and step instead of once per image, and its context sum is no matmul."""
+    model = tiny(**kw).train()
+    B, L = 6, 7
+    g = torch.Generator().manual_seed(2)
+    captions, lengths = torch.randint(4, V, (B, L), generator=g), torch.full((B,), L)
+    features = torch.rand(B, P, D, generator=g)
+    useful = train_flops(model.config, P, B, lengths)
+    counted = []
+    for module in (model, TutorialDecoder(model).train()):
+        with FlopCounterMode(display=False) as counter:
+            training_step(module, torch.optim.Adam(module.parameters()), features, captions, lengths, None)
+        counted.append(counter.get_total_flops())
+    S, A = B * (L - 1), model.config.attention_dim
+    assert counted[0] == useful
+    assert counted[1] == useful - S * 2 * 2 * P * D + (S - B) * 2 * 2 * P * D * A
+
+
+def test_one_image_at_a_time_equals_batched():
+    model = tiny(seed=3)
+    with torch.no_grad():  # as run.decoding_model: words drive the state, peaky logits, <end> raised
+        model.embedding.weight *= 3
+        model.out.weight *= 3
+        model.out.bias[END] += 0.1
+    features = torch.randn(8, P, D, generator=torch.Generator().manual_seed(3))
+    lengths = set()
+    for k in (1, 3, 5):
+        options = DecodingOptions(beam_size=k, max_length=12)
+        batched = decode_tokens(model, features, options, chunk=8)
+        assert decode_tokens(model, features, options, chunk=1) == batched, k
+        assert decode_tokens(model, features, options, chunk=3) == batched, k
+        lengths |= {len(t) for t in batched}
+    assert len(lengths) > 2  # captions end at different steps: the comparison is not trivial
