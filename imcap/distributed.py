@@ -49,6 +49,16 @@ class Distributed:
         dist.all_reduce(t)
         return float(t)
 
+    def sum_gradients(self, parameters) -> None:
+        """Add up the parameters' gradients over the processes (for steps that bypass the DDP wrapper)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in parameters:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist

@@ -18,6 +18,13 @@ Equations:
 The tanh inside the deep output follows the authors' reference code (arctic-captions); the paper's
 equation 7 leaves it implicit. A GRU replaces the LSTM with `rnn="gru"` (its state is then just h).
 
+Hard attention (section 4.1, `attention="hard"`): in training, each caption either samples one location
+s_t ~ Multinoulli(alpha_t) per step and reads z_t = a_{s_t}, or (with probability 1 - hard_sample_prob,
+the paper's 0.5) uses the expected context as soft attention does. forward(..., return_samples=True)
+returns the sampled locations' log-probability and the attention entropy for the REINFORCE loss in
+caption_loss. At inference a hard-attention model reads the expected context (the paper's deterministic
+test-time approximation), so decoding is deterministic and the search contract is unchanged.
+
 Search (greedy, beam) lives in decoding.py and drives the model through a small contract:
     memory = model.attend_memory(features)      # per-image work done once: projections, mean
     state  = model.init_state(memory)           # tuple of (B, n) tensors
@@ -46,6 +53,8 @@ class ModelConfig:
     dropout: float = 0.5  # dropout before the output projection L_o
     gate: bool = True  # gating scalar beta on the context (paper section 4.2.1)
     deep_output: bool = True  # p(y) from E y + L_h h + L_z z (eq. 7); False: from h alone
+    attention: str = "soft"  # "soft" (deterministic, section 4.2) or "hard" (stochastic, section 4.1)
+    hard_sample_prob: float = 0.5  # hard: share of captions that sample locations; the rest use the expectation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +71,14 @@ class Memory(NamedTuple):
     features: torch.Tensor  # (B, P, D) annotation vectors a
     projected: torch.Tensor  # (B, P, A) W_a a + b, computed once per image
     mean: torch.Tensor  # (B, D) mean annotation, for the initial state
+
+
+class HardSamples(NamedTuple):
+    """What hard attention sampled in one teacher-forced pass, per caption (rows in the input order)."""
+
+    log_prob: torch.Tensor  # (B,) sum_t log alpha_t[s_t] over the caption's steps (0 for unsampled captions)
+    entropy: torch.Tensor  # (B,) sum_t H(alpha_t) over the caption's steps
+    sampled: torch.Tensor  # (B,) bool: this caption sampled locations (else it used the expected context)
 
 
 class SoftAttention(nn.Module):
@@ -85,6 +102,8 @@ class ShowAttendTell(nn.Module):
         super().__init__()
         if config.rnn not in ("lstm", "gru"):
             raise ValueError(f"rnn must be 'lstm' or 'gru', not {config.rnn!r}")
+        if config.attention not in ("soft", "hard"):
+            raise ValueError(f"attention must be 'soft' or 'hard', not {config.attention!r}")
         self.config = c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)  # E
         self.attention = SoftAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
@@ -101,6 +120,8 @@ class ShowAttendTell(nn.Module):
             self.out_z = nn.Linear(c.feature_dim, c.embed_dim)  # L_z
         self.dropout = nn.Dropout(c.dropout)
         self.out = nn.Linear(c.embed_dim if c.deep_output else c.hidden_dim, c.vocab_size)  # L_o
+        # hard attention's moving-average baseline of the per-word log-likelihood (updated by training)
+        self.register_buffer("reward_baseline", torch.zeros(()), persistent=c.attention == "hard")
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         for layer in (self.gates_e, self.gates_z, self.gates_h):  # as nn.LSTMCell / nn.GRUCell initialise
             for p in layer.parameters():
@@ -138,7 +159,7 @@ class ShowAttendTell(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
         """One decoding step. tokens: (B,) previous words -> log_probs (B, V), new state, alpha (B, P)."""
         emb = self.embedding(tokens)  # (B, m)
-        state, context, alpha = self._advance(self.gates_e(emb), state, memory)
+        state, context, alpha, _ = self._advance(self.gates_e(emb), state, memory)
         logits = self._output(emb, state[0], context)  # (B, V)
         return F.log_softmax(logits, dim=-1), state, alpha
 
@@ -146,8 +167,8 @@ class ShowAttendTell(nn.Module):
 
     def forward(
         self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-        image_index: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        image_index: torch.Tensor | None = None, return_samples: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, HardSamples]:
         """Teacher forcing.
 
         features: (I, P, D); captions: (B, L) = <start> w_1 .. w_k <end> <pad>..; lengths: (B,) = k + 2;
@@ -156,6 +177,8 @@ class ShowAttendTell(nn.Module):
         Returns logits (B, L-1, V) predicting captions[:, 1:], and alphas (B, L-1, P); positions at or
         past a caption's end are zero (mask them with lengths - 1).
         Rows are processed longest first so that finished captions cost nothing at later steps.
+        return_samples: also return HardSamples (hard attention in training mode samples locations; otherwise
+        nothing is sampled and its log_prob is 0).
         """
         B, L = captions.shape
         if image_index is None:
@@ -167,46 +190,63 @@ class ShowAttendTell(nn.Module):
         state = self.init_state(memory)
         emb = self.embedding(captions[:, :-1])  # (B, L-1, m)
         gates_e = self.gates_e(emb)  # (B, L-1, G): the words' share of the gates, batched over time
+        hard = self.config.attention == "hard" and self.training
+        sampled = (torch.rand(B) < self.config.hard_sample_prob) if hard else torch.zeros(B, dtype=torch.bool)
+        log_prob_s, entropy = captions.new_zeros(B, dtype=torch.float), captions.new_zeros(B, dtype=torch.float)
         hs, contexts, alphas = [], [], []
         for t in range(int(steps.max())):
             n = int((steps > t).sum())  # rows still writing at step t (a prefix: sorted)
             mem_t = Memory(*(m[:n] for m in memory))
             state = tuple(s[:n] for s in state)
-            state, context, alpha = self._advance(gates_e[:n, t], state, mem_t)
+            state, context, alpha, lp_s = self._advance(gates_e[:n, t], state, mem_t, sampled[:n] if hard else None)
             hs.append(state[0])  # (n, n_hidden)
             contexts.append(context)  # (n, D)
             alphas.append(alpha)  # (n, P)
+            if return_samples:
+                entropy = entropy + F.pad(-(alpha * alpha.clamp_min(1e-12).log()).sum(1), (0, B - n))
+                if lp_s is not None:
+                    log_prob_s = log_prob_s + F.pad(lp_s, (0, B - n))
         hs, contexts, alphas = (_pad_steps(x, B, L - 1) for x in (hs, contexts, alphas))  # (B, L-1, .)
         logits = self._output(emb, hs, contexts)  # (B, L-1, V), batched over time
         inverse = torch.argsort(order)
+        if return_samples:
+            return logits[inverse], alphas[inverse], HardSamples(log_prob_s[inverse], entropy[inverse], sampled[inverse])
         return logits[inverse], alphas[inverse]
 
     # --- shared pieces ---------------------------------------------------------------------------
 
     def _advance(
-        self, gates_e: torch.Tensor, state: tuple[torch.Tensor, ...], memory: Memory
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        self, gates_e: torch.Tensor, state: tuple[torch.Tensor, ...], memory: Memory, sample: torch.Tensor | None = None,
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Attend with h_{t-1}, gate, and run the recurrent cell: one step without the output layer.
 
         gates_e: (B, G) = W_e E y_{t-1} + b, the word's share of the gates (batched over time in training).
+        sample: (B,) bool, hard attention: these rows read one sampled location a_s instead of the expected
+        context; then the 4th result is (B,) log alpha_s for those rows (0 for the others), else None.
         LSTM (gate order i, f, g, o as nn.LSTMCell):  c = sig(f) c + sig(i) tanh(g);  h = sig(o) tanh(c).
         GRU (as nn.GRUCell):  r, u = sig(x_r + h_r), sig(x_u + h_u);  n = tanh(x_n + r h_n);  h = (1-u) n + u h.
         """
         h = state[0]
         context, alpha = self.attention(memory, h)  # (B, D), (B, P)
+        log_prob_s = None
+        if sample is not None:
+            s = torch.multinomial(alpha.detach(), 1)  # (B, 1) a location per row
+            rows = torch.arange(h.size(0))
+            context = torch.where(sample.unsqueeze(1), memory.features[rows, s.squeeze(1)], context)  # (B, D)
+            log_prob_s = torch.where(sample, alpha.gather(1, s).squeeze(1).clamp_min(1e-12).log(), 0.0)  # (B,)
         if self.f_beta is not None:
             context = torch.sigmoid(self.f_beta(h)) * context  # beta: (B, 1)
         gates_x = gates_e + self.gates_z(context)  # (B, G): + W_z z
         if self.config.rnn == "lstm":
             i, f, g, o = (gates_x + self.gates_h(h)).chunk(4, dim=1)  # (B, n) each
             c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
-            return (torch.sigmoid(o) * torch.tanh(c), c), context, alpha
+            return (torch.sigmoid(o) * torch.tanh(c), c), context, alpha, log_prob_s
         gates_h = self.gates_h(h)  # (B, 3n)
         x_r, x_z, x_n = gates_x.chunk(3, dim=1)
         h_r, h_z, h_n = gates_h.chunk(3, dim=1)
         r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
         n = torch.tanh(x_n + r * h_n)
-        return ((1 - z) * n + z * h,), context, alpha
+        return ((1 - z) * n + z * h,), context, alpha, log_prob_s
 
     def _output(self, emb: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Deep output layer; works on (B, ., .) or (B, T, .) alike."""
@@ -242,17 +282,38 @@ def caption_loss(
     alpha_c: float = 1.0,
     label_smoothing: float = 0.0,
     totals: tuple[float, float] | None = None,
+    samples: HardSamples | None = None,
+    baseline: float = 0.0,
+    reinforce_weight: float = 1.0,
+    entropy_weight: float = 0.01,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy over real words (padding masked) + alpha_c * doubly stochastic penalty.
 
     logits: (B, T, V) with T = L-1; targets: (B, T) = captions[:, 1:]; lengths: (B,) caption lengths L_b.
     totals: (words, captions) of the whole batch when this is one shard of it (distributed training):
     the word and caption sums are divided by those, so the shards' losses add up to the batch's loss.
+
+    samples (hard attention, paper eq. 12): adds, per caption that sampled locations s,
+        - reinforce_weight * (r - baseline) * log p(s)  -  entropy_weight * H(alpha)
+    with the reward r = the caption's mean log p(y_t | s) (per word rather than the paper's sum, so caption
+    length adds no variance) and `baseline` its moving average; parts["reward"] is this shard's sum of r
+    over captions / captions, for updating that average.
     """
     T = targets.size(1)
     mask = torch.arange(T, device=targets.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
     words, captions = totals or (float(mask.sum()), float(targets.size(0)))
-    xent = F.cross_entropy(logits[mask], targets[mask], label_smoothing=label_smoothing, reduction="sum") / words
+    nll = F.cross_entropy(logits[mask], targets[mask], label_smoothing=label_smoothing, reduction="none")  # (words,)
+    xent = nll.sum() / words
     penalty = doubly_stochastic_penalty(alphas, mask) * targets.size(0) / captions
     loss = xent + alpha_c * penalty
-    return loss, {"xent": float(xent.detach()), "attention_penalty": float(penalty.detach())}
+    parts = {"xent": float(xent.detach()), "attention_penalty": float(penalty.detach())}
+    if samples is not None:
+        row = torch.arange(targets.size(0), device=targets.device).unsqueeze(1).expand_as(mask)[mask]  # (words,)
+        per_caption = torch.zeros(targets.size(0), dtype=nll.dtype).index_add_(0, row, nll.detach())
+        reward = -per_caption / (lengths - 1).clamp_min(1)  # (B,) mean log-likelihood per word
+        advantage = torch.where(samples.sampled, reward - baseline, 0.0)
+        reinforce = -(advantage * samples.log_prob).sum() / captions
+        entropy = samples.entropy.sum() / captions
+        loss = loss + reinforce_weight * reinforce - entropy_weight * entropy
+        parts.update(reward=float(reward.sum()) / captions, entropy=float(entropy.detach()))
+    return loss, parts

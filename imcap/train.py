@@ -27,6 +27,7 @@ from .features import FeatureStore
 from .fileio import write_jsonl_atomic
 from .metrics import validation_scores
 from .model import ModelConfig, ShowAttendTell, caption_loss
+from .scst import CiderD, scst_loss
 from .text import END, START, Vocabulary
 
 
@@ -49,6 +50,14 @@ class TrainConfig:
     group_by_image: bool = True  # batches hold all captions of their images: each image is projected once
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
     seed: int = 0  # initialisation, batch order and dropout
+    init_from: str = ""  # start from these weights (a RUN_DIR's best checkpoint, or a checkpoint directory)
+    objective: str = "xe"  # "xe": cross-entropy with teacher forcing; "scst": self-critical CIDEr-D (scst.py)
+    scst_samples: int = 5  # SCST: captions sampled per image
+    scst_baseline: str = "greedy"  # SCST: "greedy" (the paper's) or "mean" (of the image's other samples)
+    scst_max_length: int = 20  # SCST: words per sampled caption
+    hard_reinforce_weight: float = 1.0  # hard attention: weight of the REINFORCE term (lambda_r)
+    hard_entropy_weight: float = 0.01  # hard attention: weight of the attention entropy bonus (lambda_e)
+    hard_baseline_decay: float = 0.9  # hard attention: moving average of the reward baseline
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,6 +180,9 @@ class Trainer:
             self.cfg = train_config or TrainConfig()
             overrides = dict(model_config or {})
             self.model_config = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.store.spec.feature_dim, **overrides)
+        if self.cfg.objective not in ("xe", "scst"):
+            raise ValueError(f"objective must be 'xe' or 'scst', not {self.cfg.objective!r}")
+        init = self._initial_weights() if not saved and self.cfg.init_from else None
         torch.manual_seed(self.cfg.seed)
         self.model = ShowAttendTell(self.model_config)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -181,7 +193,12 @@ class Trainer:
         self.train_pairs = CaptionPairs(self.images, self.vocab, self.store, "train", max_len)
         if len(self.train_pairs) == 0:
             raise ValueError(f"{self.data_dir}: no training captions with features (is there a train split?)")
+        self.train_images = _train_images(self.images, self.store)  # SCST works on images, not captions
+        self.cider = CiderD([[self.vocab.encode(t[:max_len]) for t in self.images[i]["tokens"] if t]
+                             for i in self.train_images.tolist()]) if self.cfg.objective == "scst" else None
         self.progress = Progress()
+        if init is not None:
+            self.model.load_state_dict(init)
         if saved:
             self.model.load_state_dict(saved[1])
             ckpt.load_training_state(self.out_dir / "checkpoint", self.optimizer, saved[0])
@@ -190,7 +207,20 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.train_pairs) / self.cfg.batch_size)
+        units = len(self.train_images) if self.cfg.objective == "scst" else len(self.train_pairs)
+        return math.ceil(units / self.cfg.batch_size)
+
+    def _initial_weights(self) -> dict[str, torch.Tensor]:
+        """Weights of cfg.init_from; its model configuration replaces the one given, its vocabulary must match."""
+        meta, state = ckpt.load_checkpoint(ckpt.find_checkpoint(self.cfg.init_from))
+        if meta["vocab"]["tokens"] != self.vocab.tokens:
+            raise ValueError(f"{self.cfg.init_from}: its vocabulary differs from {self.data_dir}/vocab.json")
+        if meta["encoder"] != self.store.spec.to_dict():
+            raise ValueError(f"{self.cfg.init_from}: trained on other features ({meta['data']['features']}) "
+                             f"than {self.store.path.name}; pass --features")
+        self.model_config = ModelConfig.from_dict(meta["model_config"])
+        self.log(f"starting from the weights of {self.cfg.init_from}")
+        return state
 
     def _check_same_data(self, meta: dict) -> None:
         if Path(meta["data"]["data_dir"]) != self.data_dir:
@@ -231,7 +261,10 @@ class Trainer:
                 stopped = "early stopping"
                 break
             generator = torch.Generator().manual_seed(cfg.seed * 100_003 + p.epoch)
-            order = self.train_pairs.epoch_order(generator, cfg.group_by_image)
+            if cfg.objective == "scst":
+                order = self.train_images[torch.randperm(len(self.train_images), generator=generator)]
+            else:
+                order = self.train_pairs.epoch_order(generator, cfg.group_by_image)
             batches = self._batches(order)
             t0, seen, losses = time.time(), 0, []
             bar = tqdm(total=len(batches), initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
@@ -243,14 +276,14 @@ class Trainer:
                 loss, parts = self._step(idx)
                 p.step_in_epoch += 1
                 p.global_step += 1
-                seen += len(idx)  # captions of the whole batch, over all processes
+                seen += len(idx)  # captions (SCST: images) of the whole batch, over all processes
                 losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", caps_per_s=f"{seen / (time.time() - t0):.0f}")
                 if writer and p.global_step % 20 == 0:
                     writer.add_scalar("train/loss", loss, p.global_step)
-                    writer.add_scalar("train/xent", parts["xent"], p.global_step)
-                    writer.add_scalar("train/attention_penalty", parts["attention_penalty"], p.global_step)
+                    for k, v in parts.items():
+                        writer.add_scalar(f"train/{k}", v, p.global_step)
                     writer.add_scalar("train/lr", lr, p.global_step)
                 if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0 and p.step_in_epoch < len(batches):
                     self.save()
@@ -272,19 +305,46 @@ class Trainer:
         return batches
 
     def _step(self, idx: torch.Tensor) -> tuple[float, dict]:
-        """One optimizer step on the batch `idx` (this process computes its shard of it)."""
-        lengths_all = self.train_pairs.lengths[idx]
-        totals = (float((lengths_all - 1).sum()), float(len(idx)))  # words and captions of the whole batch
-        features, captions, lengths, image_index = self.train_pairs.batch(self.dist.shard(idx))
-        logits, alphas = self.net(features, captions, lengths, image_index)  # (B, T, V), (B, T, P)
-        loss, parts = caption_loss(logits, captions[:, 1:], alphas, lengths, alpha_c=self.cfg.alpha_c,
-                                   label_smoothing=self.cfg.label_smoothing, totals=totals)
+        """One optimizer step on the batch `idx` (this process computes its shard of it).
+        idx: caption numbers of train_pairs (cross-entropy) or feature rows of images (SCST)."""
+        if self.cfg.objective == "scst":
+            rows = self.dist.shard(idx)
+            cfg = self.cfg
+            loss, parts = scst_loss(self.model, self.store.get(rows.numpy()), self._cider_index(rows), self.cider,
+                                    samples=cfg.scst_samples, max_length=cfg.scst_max_length,
+                                    baseline=cfg.scst_baseline, total_rows=len(idx) * cfg.scst_samples)
+            parts = {k: v * len(rows) / len(idx) for k, v in parts.items()}  # shard means -> batch mean when summed
+        else:
+            lengths_all = self.train_pairs.lengths[idx]
+            totals = (float((lengths_all - 1).sum()), float(len(idx)))  # words and captions of the whole batch
+            features, captions, lengths, image_index = self.train_pairs.batch(self.dist.shard(idx))
+            hard = self.model_config.attention == "hard"
+            out = self.net(features, captions, lengths, image_index, return_samples=hard)
+            logits, alphas = out[:2]  # (B, T, V), (B, T, P)
+            loss, parts = caption_loss(logits, captions[:, 1:], alphas, lengths, alpha_c=self.cfg.alpha_c,
+                                       label_smoothing=self.cfg.label_smoothing, totals=totals,
+                                       samples=out[2] if hard else None, baseline=float(self.model.reward_baseline),
+                                       reinforce_weight=self.cfg.hard_reinforce_weight,
+                                       entropy_weight=self.cfg.hard_entropy_weight)
         self.optimizer.zero_grad(set_to_none=True)
-        (loss * self.dist.world).backward()  # DDP averages gradients over processes: undo it, shards add up
+        if self.cfg.objective == "scst":  # sampling runs outside the DDP wrapper: add the shards' gradients here
+            loss.backward()
+            self.dist.sum_gradients(self.model.parameters())
+        else:
+            (loss * self.dist.world).backward()  # DDP averages gradients over processes: undo it, shards add up
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        return self.dist.sum(float(loss.detach())), {k: self.dist.sum(v) for k, v in parts.items()}
+        parts = {k: self.dist.sum(v) for k, v in parts.items()}
+        if "reward" in parts:  # hard attention: move the baseline towards this batch's mean reward
+            b = self.model.reward_baseline
+            decay = self.cfg.hard_baseline_decay if self.progress.global_step > 0 else 0.0
+            b.fill_(decay * float(b) + (1 - decay) * parts["reward"])
+        return self.dist.sum(float(loss.detach())), parts
+
+    def _cider_index(self, rows: torch.Tensor) -> list[int]:
+        """Feature rows -> their positions in self.train_images (the CIDEr-D reference sets)."""
+        return torch.searchsorted(self.train_images, rows).tolist()
 
     def _end_epoch(self, options: DecodingOptions, loss: float, seconds: float, seen: int, writer) -> None:
         p = self.progress
@@ -331,6 +391,12 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_conf
     """Train (or resume, when out_dir holds a checkpoint) a captioner on DATA_DIR's cached features."""
     trainer = Trainer(data_dir, out_dir, model_config, train_config, features, log)
     return trainer.train(progress_bar=progress, stop_after_steps=stop_after_steps)
+
+
+def _train_images(images: list[dict], store: FeatureStore) -> torch.Tensor:
+    """Sorted feature rows of the training images that have features and at least one caption."""
+    rows = [i for i, im in enumerate(images) if im.get("split") == "train" and store.ok[i] and any(im["tokens"])]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _split_store_name(name: str | None) -> tuple[str | None, int | None]:

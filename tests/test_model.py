@@ -120,7 +120,7 @@ def test_cell_equals_torch_cells_and_old_checkpoints_load(rnn):
     memory = model.attend_memory(features)
     state = model.init_state(memory)
     emb = model.embedding(captions[:, 0])
-    new_state, context, _ = model._advance(model.gates_e(emb), state, memory)
+    new_state, context, _, _ = model._advance(model.gates_e(emb), state, memory)
     x = torch.cat([emb, context], dim=1)
     expected = cell(x, state) if rnn == "lstm" else (cell(x, state[0]),)
     for a, b in zip(new_state, expected):

@@ -1,0 +1,167 @@
+"""Self-critical sequence training (Rennie et al. 2017): fine-tune on the CIDEr-D reward of sampled captions.
+
+For each image, `samples` captions are drawn from the model; each one's reward is its CIDEr-D against the
+image's references, minus a baseline: the reward of the greedy caption (the paper's "self-critical"
+baseline) or the mean reward of the image's other samples. The loss is REINFORCE:
+
+    loss = - sum_rows (r_row - b_row) * sum_t log p(w_t | w_<t, image)      / rows
+
+CIDEr-D is computed here on word ids, in Python, with document frequencies from the training references
+(fixed for the whole run), so a reward costs no Java and no re-tokenising. It follows pycocoevalcap's
+`CiderScorer` exactly (n = 1..4, sigma = 6, clipped tf-idf vectors, length penalty, x10), which a test checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .decoding import greedy_search
+from .text import END, PAD, START
+
+Ngrams = list[dict[tuple[int, ...], float]]  # one {ngram: tf-idf} per n
+
+
+def ngram_counts(words: Sequence[int], n: int = 4) -> Counter:
+    """Counts of every 1..n-gram of `words`."""
+    counts: Counter = Counter()
+    for k in range(1, n + 1):
+        for i in range(len(words) - k + 1):
+            counts[tuple(words[i : i + k])] += 1
+    return counts
+
+
+class CiderD:
+    """CIDEr-D of hypotheses against a fixed corpus of references, on word ids.
+
+    references[i] holds image i's reference captions (lists of word ids, without <start>/<end>). Document
+    frequency and the corpus size come from all of them, as pycocoevalcap does for the scored corpus.
+    """
+
+    def __init__(self, references: Sequence[Sequence[Sequence[int]]], n: int = 4, sigma: float = 6.0):
+        self.n, self.sigma = n, sigma
+        self.doc_freq: Counter = Counter()
+        counts = [[ngram_counts(r, n) for r in refs] for refs in references]
+        for refs in counts:
+            self.doc_freq.update({g for c in refs for g in c})
+        self.log_docs = math.log(float(max(len(references), 1)))
+        self.refs = [[self._vector(c) for c in refs] for refs in counts]  # per image: (vec, norms, length)
+
+    def _vector(self, counts: Counter) -> tuple[Ngrams, list[float], int]:
+        vec: Ngrams = [{} for _ in range(self.n)]
+        norms = [0.0] * self.n
+        length = 0
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            v = tf * (self.log_docs - math.log(max(1.0, self.doc_freq[gram])))
+            vec[k][gram] = v
+            norms[k] += v * v
+            if k == 1:  # pycocoevalcap measures length in bigrams
+                length += tf
+        return vec, [math.sqrt(x) for x in norms], length
+
+    def score(self, words: Sequence[int], image: int) -> float:
+        """CIDEr-D of one hypothesis (word ids) for reference set `image`."""
+        refs = self.refs[image]
+        if not refs:
+            return 0.0
+        vec, norms, length = self._vector(ngram_counts(words, self.n))
+        total = 0.0
+        for ref_vec, ref_norms, ref_length in refs:
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma**2))
+            for k in range(self.n):
+                ref_k = ref_vec[k]
+                val = sum(min(v, ref_k.get(g, 0.0)) * ref_k.get(g, 0.0) for g, v in vec[k].items())
+                if norms[k] and ref_norms[k]:
+                    val /= norms[k] * ref_norms[k]
+                total += val * penalty
+        return total / self.n / len(refs) * 10.0
+
+    def scores(self, hypotheses: Sequence[Sequence[int]], images: Sequence[int]) -> np.ndarray:
+        return np.array([self.score(h, i) for h, i in zip(hypotheses, images)], dtype=np.float64)
+
+
+def words_of(tokens: torch.Tensor) -> list[list[int]]:
+    """(R, T) sampled ids -> each row's words before its first <end>."""
+    out = []
+    for row in tokens.tolist():
+        words = []
+        for t in row:
+            if t == END:
+                break
+            if t not in (PAD, START):
+                words.append(t)
+        out.append(words)
+    return out
+
+
+def sample_captions(model, features: torch.Tensor, samples: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `samples` captions per image from the model, keeping the graph.
+
+    features: (I, P, D). Returns tokens (I * samples, T) and their log probabilities (I * samples, T), rows
+    grouped by image; positions after a caption's <end> hold PAD and log probability 0. A caption that
+    reaches max_length words without <end> stops there. <pad> and <start> are never drawn: the policy is the
+    model's distribution renormalised over the other tokens.
+    """
+    memory = model.attend_memory(features)
+    memory = type(memory)(*(m.repeat_interleave(samples, dim=0) for m in memory))  # rows (R = I * samples)
+    state = model.init_state(memory)
+    R = memory.features.size(0)
+    tokens = torch.full((R,), START, dtype=torch.long)
+    alive = torch.ones(R, dtype=torch.bool)
+    banned = torch.tensor([PAD, START])  # never words: sampling them would make captions with holes
+    out_tokens, out_lp = [], []
+    for _ in range(max_length + 1):  # max_length words, then one last chance for <end>
+        lp, state, _alpha = model.step(tokens, state, memory)  # (R, V)
+        lp = lp.index_fill(1, banned, float("-inf"))
+        lp = lp - lp.logsumexp(1, keepdim=True)  # the policy: the model's distribution over real words
+        tokens = torch.multinomial(lp.detach().exp(), 1).squeeze(1)  # (R,)
+        tokens = torch.where(alive, tokens, PAD)
+        out_tokens.append(tokens)
+        out_lp.append(torch.where(alive, lp.gather(1, tokens.unsqueeze(1)).squeeze(1), 0.0))
+        alive = alive & (tokens != END)
+        if not bool(alive.any()):
+            break
+    return torch.stack(out_tokens, 1), torch.stack(out_lp, 1)
+
+
+def scst_loss(
+    model, features: torch.Tensor, images: Sequence[int], cider: CiderD, *, samples: int = 5,
+    max_length: int = 20, baseline: str = "greedy", total_rows: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The self-critical loss of one batch of images (features (I, P, D), images: their reference indices).
+
+    baseline: "greedy" (reward of the greedy caption, decoded without dropout) or "mean" (mean reward of
+    the image's other samples; needs samples >= 2). total_rows: sampled captions in the whole batch when
+    this is one shard of it (distributed training), so the shards' losses add up.
+    """
+    if baseline not in ("greedy", "mean"):
+        raise ValueError(f"SCST baseline must be 'greedy' or 'mean', not {baseline!r}")
+    if baseline == "mean" and samples < 2:
+        raise ValueError("the 'mean' SCST baseline needs at least 2 samples per image")
+    I = features.size(0)
+    row_images = [i for i in images for _ in range(samples)]
+    parts: dict[str, float] = {}
+    if baseline == "greedy":
+        was_training = model.training
+        model.eval()
+        greedy = greedy_search(model, features, max_length)
+        model.train(was_training)
+        base_per_image = cider.scores([[t for t in h.tokens if t != END] for h in greedy], images)  # (I,)
+        base = np.repeat(base_per_image, samples)
+        parts["greedy_reward"] = float(base_per_image.mean())
+    tokens, log_probs = sample_captions(model, features, samples, max_length)
+    reward = cider.scores(words_of(tokens), row_images)  # (R,)
+    if baseline == "mean":
+        per_image = reward.reshape(I, samples)
+        base = ((per_image.sum(1, keepdims=True) - per_image) / (samples - 1)).reshape(-1)
+    advantage = torch.as_tensor(reward - base, dtype=log_probs.dtype)  # (R,)
+    rows = total_rows or tokens.size(0)
+    loss = -(advantage * log_probs.sum(1)).sum() / rows
+    parts.update(sample_reward=float(reward.mean()), advantage=float(advantage.mean()),
+                 sample_words=float((tokens != PAD).sum(1).float().mean()))
+    return loss, parts

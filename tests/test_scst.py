@@ -1,0 +1,133 @@
+"""Self-critical training: the CIDEr-D on ids, sampling, the direction of an update, and the CLI path."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from pycocoevalcap.cider.cider_scorer import CiderScorer
+from safetensors.torch import load_file
+
+from imcap.cli import main
+from imcap.model import ModelConfig, ShowAttendTell
+from imcap.scst import CiderD, sample_captions, scst_loss, words_of
+from imcap.text import END, PAD, START
+from imcap.train import TrainConfig, train
+
+MODEL = {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 16, "dropout": 0.0}
+
+
+def test_cider_d_equals_pycocoevalcap():
+    rng = random.Random(0)
+    refs = [[[rng.randrange(4, 30) for _ in range(rng.randrange(3, 12))] for _ in range(rng.randrange(1, 6))]
+            for _ in range(25)]
+    hyps = [[rng.randrange(4, 30) for _ in range(rng.randrange(0, 12))] for _ in refs]
+    hyps[3] = list(refs[3][0])  # one hypothesis equal to a reference
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for h, r in zip(hyps, refs):
+        scorer += (" ".join(map(str, h)), [" ".join(map(str, x)) for x in r])
+    _, expected = scorer.compute_score()
+    got = CiderD(refs).scores(hyps, range(len(refs)))
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    assert got[3] > got.mean()
+
+
+def test_words_of_stops_at_end():
+    tokens = torch.tensor([[5, 6, END, PAD], [7, 8, 9, 10], [END, PAD, PAD, PAD]])
+    assert words_of(tokens) == [[5, 6], [7, 8, 9, 10], []]
+
+
+def _model(vocab=12, seed=0):
+    torch.manual_seed(seed)
+    return ShowAttendTell(ModelConfig(vocab_size=vocab, feature_dim=8, **MODEL))
+
+
+def test_samples_are_grouped_by_image_and_masked_after_end():
+    model = _model()
+    features = torch.rand(3, 4, 8)
+    tokens, log_probs = sample_captions(model, features, samples=4, max_length=6)
+    assert tokens.shape[0] == 12 and log_probs.shape == tokens.shape and tokens.shape[1] <= 7
+    for row, lp in zip(tokens.tolist(), log_probs):
+        if END in row:
+            end = row.index(END)
+            assert all(t == PAD for t in row[end + 1 :]) and torch.all(lp[end + 1 :] == 0)
+            assert torch.all(lp[: end + 1] < 0)
+        assert START not in row
+    # the log probabilities are those of the model for the sampled words
+    memory = model.attend_memory(features.repeat_interleave(4, 0))
+    lp0, _, _ = model.step(torch.full((12,), START), model.init_state(memory), memory)
+    lp0 = lp0 - lp0[:, 2:].logsumexp(1, keepdim=True)  # renormalised without <pad> and <start>
+    torch.testing.assert_close(log_probs[:, 0], lp0.gather(1, tokens[:, :1]).squeeze(1))
+
+
+@pytest.mark.parametrize("baseline", ["greedy", "mean"])
+def test_one_scst_step_raises_the_log_probability_of_better_than_baseline_samples(baseline):
+    model = _model()
+    features = torch.rand(4, 4, 8)
+    refs = [[[4, 5, 6, 7], [4, 5, 6]], [[8, 9, 10]], [[4, 9, 11, 5]], [[6, 6, 7]]]
+    cider = CiderD(refs)
+    torch.manual_seed(1)
+    loss, parts = scst_loss(model, features, [0, 1, 2, 3], cider, samples=6, max_length=5, baseline=baseline)
+    torch.manual_seed(1)  # the same samples again, to read their log probabilities before and after
+    tokens, before = sample_captions(model, features, 6, 5)
+    reward = cider.scores(words_of(tokens), [i for i in range(4) for _ in range(6)])
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    after = _sequence_log_probs(model, features.repeat_interleave(6, 0), tokens)
+    if baseline == "mean":
+        base = reward.reshape(4, 6)
+        base = ((base.sum(1, keepdims=True) - base) / 5).reshape(-1)
+    else:
+        base = np.repeat(cider.scores([[t for t in h if t != END] for h in _greedy(model, features)], range(4)), 6)
+    advantage = torch.as_tensor(reward - base, dtype=torch.float32)
+    change = after - before.sum(1).detach()
+    assert float((advantage * change).sum()) > 0  # better-than-baseline captions became more likely
+    assert parts["sample_reward"] == pytest.approx(float(reward.mean()))
+
+
+def _sequence_log_probs(model, features, tokens):
+    memory = model.attend_memory(features)
+    state = model.init_state(memory)
+    prev = torch.full((tokens.size(0),), START)
+    total = torch.zeros(tokens.size(0))
+    with torch.no_grad():
+        for t in range(tokens.size(1)):
+            lp, state, _ = model.step(prev, state, memory)
+            lp = lp - lp[:, 2:].logsumexp(1, keepdim=True)
+            word = tokens[:, t]
+            total += torch.where(word != PAD, lp.gather(1, word.unsqueeze(1)).squeeze(1), 0.0)
+            prev = torch.where(word != PAD, word, END)
+    return total
+
+
+def _greedy(model, features):
+    from imcap.decoding import greedy_search
+
+    return [h.tokens for h in greedy_search(model, features, 5)]
+
+
+def test_scst_fine_tuning_from_a_cross_entropy_run(tiny_data, tmp_path):
+    base = dict(batch_size=16, lr=3e-3, warmup_steps=3, patience=0, seed=3, val_max_length=12)
+    quiet = dict(progress=False, log=lambda *a: None)
+    train(tiny_data, tmp_path / "xe", model_config=MODEL, train_config=TrainConfig(epochs=3, **base), **quiet)
+    xe = load_file(tmp_path / "xe/best/model.safetensors")
+    cfg = TrainConfig(**{**base, "batch_size": 8, "lr": 1e-3, "warmup_steps": 0}, epochs=2, objective="scst",
+                      init_from=str(tmp_path / "xe"), scst_samples=3, scst_max_length=8)
+    summary = train(tiny_data, tmp_path / "scst", train_config=cfg, **quiet)
+    assert summary["steps"] == 8  # 32 train images / 8 per batch x 2 epochs
+    meta = json.loads((tmp_path / "scst/checkpoint/checkpoint.json").read_text())
+    assert meta["model_config"]["hidden_dim"] == 24 and meta["train_config"]["objective"] == "scst"
+    tuned = load_file(tmp_path / "scst/checkpoint/model.safetensors")
+    assert any(not torch.equal(xe[k], tuned[k]) for k in xe)  # started from xe's weights and moved
+    assert sum(float((xe[k] - tuned[k]).abs().max()) for k in xe) < 5  # ... but not from scratch
+
+
+def test_cli_init_from_a_folder_without_checkpoint_is_a_one_line_error(tiny_data, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    code = main(["train", str(tiny_data), "--out", str(tmp_path / "run"), "--objective", "scst",
+                 "--init-from", str(other), "--quiet"])
+    assert code != 0 and "no checkpoint" in capsys.readouterr().err
