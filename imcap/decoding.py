@@ -4,8 +4,11 @@
     log_probs, state, alpha = model.step(tokens, state, memory)
 
 Beam search runs all images x beams as one batch of rows (B * K) and reorders rows with index_select;
-there is no Python loop over images. Both searches always return a caption: when no hypothesis has
-ended by max_length, the best unfinished one is returned.
+there is no Python loop over images. Both searches drop the rows of images that are done from the batch
+(COMPACT_SHARE), so that a step costs only the images still searching, whatever the others do; what an
+image gets does not depend on the other images of the batch (up to the last bits of the model's matmuls,
+which round differently for different row counts). Both searches always return a caption: when no
+hypothesis has ended by max_length, the best unfinished one is returned.
 """
 
 from __future__ import annotations
@@ -63,46 +66,75 @@ def decode(model, features: torch.Tensor, options: DecodingOptions = DecodingOpt
 
 @torch.inference_mode()
 def greedy_search(model, features: torch.Tensor, max_length: int = 30) -> list[Hypothesis]:
-    """Take the most probable word at each step until <end> or max_length words."""
-    B = features.size(0)
-    memory = model.attend_memory(features)
+    """Take the most probable word at each step until <end> or max_length words.
+
+    Rows of images whose caption has ended are dropped from the batch (see COMPACT_SHARE), so that later
+    steps cost only the images still writing.
+    """
+    B, L = features.size(0), max_length
+    memory = image_memory = model.attend_memory(features)  # (A) rows, (B) rows
+    buffers = None  # storage of the memory's rows after the first drop, reused by the later ones
     state = model.init_state(memory)
-    tokens = torch.full((B,), START, dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool)
-    log_probs = torch.zeros(B)
-    lengths = torch.full((B,), max_length)  # unfinished captions keep max_length words
-    out_tokens, out_alphas = [], []
-    for t in range(max_length + 1):  # max_length words, then one last chance for <end>
-        lp, state, alpha = model.step(tokens, state, memory)  # (B, V), state, (B, P)
-        best_lp, tokens = lp.max(dim=1)  # (B,)
+    live = torch.arange(B)  # (A,) images still in the batch: row a of every per-step tensor is image live[a]
+    tokens = torch.full((B,), START, dtype=torch.long)  # (A,)
+    done = torch.zeros(B, dtype=torch.bool)  # (A,) caption ended (row not dropped yet)
+    log_probs = torch.zeros(B)  # (B,)
+    lengths = torch.full((B,), L)  # (B,) unfinished captions keep max_length words
+    out_tokens = torch.zeros(L + 1, B, dtype=torch.long)  # (T, B) word of each image at each step
+    out_alphas = features.new_zeros(L + 1, B, features.size(1))  # (T, B, P)
+    for t in range(L + 1):  # max_length words, then one last chance for <end>
+        lp, state, alpha = model.step(tokens, state, memory)  # (A, V), state, (A, P)
+        best_lp, tokens = lp.max(dim=1)  # (A,)
         ended = tokens == END
-        take = ~done & (ended | (t < max_length))
-        log_probs += torch.where(take, best_lp, 0.0)
-        lengths = torch.where(~done & ended, t + 1, lengths)
+        take = ~done & (ended | (t < L))
+        log_probs.index_add_(0, live, torch.where(take, best_lp, 0.0))
+        lengths.index_copy_(0, live, torch.where(~done & ended, t + 1, lengths[live]))
         done |= ended
-        out_tokens.append(tokens)
-        out_alphas.append(alpha)
-        if bool(done.all()):
+        out_tokens[t].index_copy_(0, live, tokens)
+        out_alphas[t].index_copy_(0, live, alpha)
+        n_done = int(done.sum())
+        if n_done == done.numel():
             break
-    seq = torch.stack(out_tokens, 1)  # (B, T)
-    alphas = torch.stack(out_alphas, 1)  # (B, T, P)
+        if n_done >= COMPACT_SHARE * done.numel():  # drop the rows of ended captions
+            keep = (~done).nonzero().squeeze(1)  # (A',)
+            live, tokens, done = live[keep], tokens[keep], done[keep]
+            if buffers is None:
+                buffers = _buffers(image_memory, keep.numel())
+            state, memory = _rows(state, keep), _rows(image_memory, live, out=buffers)
+    seq = out_tokens[: t + 1].T  # (B, T)
+    alphas = out_alphas[: t + 1].transpose(0, 1)  # (B, T, P)
     return [
         Hypothesis(seq[b, : lengths[b]].tolist(), float(log_probs[b]), float(log_probs[b]), alphas[b, : lengths[b]].clone())
         for b in range(B)
     ]
 
 
+# The rows of images that are done are dropped from the batch once they are at least this share of it.
+# Dropping copies the memory (P x (D + A) floats per row) of the rows kept, about a fifth of the cost of
+# stepping them (imcap's default model, P = 49): dropping at every step is slower than this, and so are
+# shares of 1/8 and 1/2 (benchmarks/run.py's beam section).
+COMPACT_SHARE = 0.25
+
+
+def _rows(tensors: tuple, index: torch.Tensor, out: list[torch.Tensor] | None = None) -> tuple:
+    """index_select rows (dim 0) of every tensor of a state tuple or a Memory NamedTuple; with `out` (tensors
+    with at least len(index) rows, not overlapping `tensors`), into their first rows: reusing the memory's
+    hundreds of MB saves the page faults of fresh allocations, which cost twice the copy."""
+    if out is None:
+        rows = [x.index_select(0, index) for x in tensors]
+    else:
+        rows = [torch.index_select(x, 0, index, out=o[: index.numel()]) for x, o in zip(tensors, out)]
+    return type(tensors)(*rows) if hasattr(tensors, "_fields") else tuple(rows)
+
+
+def _buffers(tensors: tuple, rows: int) -> list[torch.Tensor]:
+    """Uninitialised tensors shaped like `tensors` with `rows` rows, for _rows(..., out=)."""
+    return [x.new_empty((rows, *x.shape[1:])) for x in tensors]
+
+
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (B, K, ...), index: (B, J) -> (B, J, ...): per-image row selection."""
     return x[torch.arange(x.size(0)).unsqueeze(1), index]
-
-
-def _pad_time(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad dim 2 (time) of (B, J, T, ...) to `length`."""
-    pad = length - x.size(2)
-    if pad == 0:
-        return x
-    return torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
 
 
 @torch.inference_mode()
@@ -113,75 +145,107 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
     finishes a hypothesis (kept in a pool of the K best finished, by length-penalised score), the K best
     other extensions go on. An image is done once K hypotheses have finished; at max_length the beams
     still open join the pool as unfinished hypotheses, so every image gets a caption.
+
+    The rows of done images are dropped from the batch (see COMPACT_SHARE). No sequence is copied while
+    searching: each step records, per image and beam slot, the word chosen, the slot it extended (a
+    back-pointer) and the attention; a pool entry is (score, log p, last step, slot extended there, last word),
+    and the n-best are traced back through the back-pointers at the end.
     """
-    B, K, L = features.size(0), options.beam_size, options.max_length
-    memory = model.attend_memory(features)
-    memory = type(memory)(*(m.repeat_interleave(K, dim=0) for m in memory))  # rows (B * K)
-    state = model.init_state(memory)
-    tokens = torch.full((B * K,), START, dtype=torch.long)
-    beam_lp = torch.full((B, K), float("-inf"))
-    beam_lp[:, 0] = 0.0  # all beams start identical: keep one alive
-    seqs = torch.zeros(B, K, 0, dtype=torch.long)  # (B, K, t)
-    seq_alphas = features.new_zeros(B, K, 0, features.size(1))  # (B, K, t, P)
-
+    B, K, L, P = features.size(0), options.beam_size, options.max_length, features.size(1)
     neg_inf = float("-inf")
-    pool_score = torch.full((B, K), neg_inf)  # finished hypotheses, best first
-    pool_lp = torch.full((B, K), neg_inf)
-    pool_len = torch.zeros(B, K, dtype=torch.long)
-    pool_seq = torch.zeros(B, K, L + 1, dtype=torch.long)
-    pool_alpha = features.new_zeros(B, K, L + 1, features.size(1))
-    n_finished = torch.zeros(B, dtype=torch.long)
+    image_memory = model.attend_memory(features)  # rows (B)
+    # all K beams start identical, so step 0 runs one row per image; later steps K: rows a * W .. a * W + W - 1
+    # of every per-step tensor (memory, state, tokens) are the beams of image live[a], W = 1 then K
+    memory = image_memory  # (A * W) rows
+    buffers = _buffers(image_memory, B * K) if K > 1 else None  # storage of the memory's rows from step 1 on
+    state = model.init_state(memory)
+    live = torch.arange(B)  # (A,) images still in the batch
+    tokens = torch.full((B,), START, dtype=torch.long)  # (A * W,)
+    beam_lp = torch.full((B, K), neg_inf)  # (A, K) log p of each open beam
+    beam_lp[:, 0] = 0.0  # one alive at the start
+    n_finished = torch.zeros(B, dtype=torch.long)  # (A,)
     rank = torch.arange(2 * K).unsqueeze(0)  # (1, 2K)
+    # history, by step and image (B, not A): the beam in slot j after step t ends with word hist_word[t, b, j]
+    # and extends the beam in slot hist_parent[t, b, j] at step t, which attended with hist_alpha[t, b, that slot]
+    hist_word = torch.zeros(L + 1, B, K, dtype=torch.long)
+    hist_parent = torch.zeros(L + 1, B, K, dtype=torch.long)
+    hist_alpha = features.new_zeros(L + 1, B, K, P)
+    # finished hypotheses, best first: score, log p, last step, slot extended at the last step, last word
+    pool = [torch.full((B, K), neg_inf) for _ in range(2)] + [torch.zeros(B, K, dtype=torch.long) for _ in range(3)]
+    final = [p.clone() for p in pool]  # (B, K) each: the pools of images dropped from the batch
 
-    def add_to_pool(score, lp, seq, alpha, length):
-        nonlocal pool_score, pool_lp, pool_len, pool_seq, pool_alpha
-        all_score = torch.cat([pool_score, score], 1)  # (B, K + J)
-        pool_score, pos = all_score.topk(K, dim=1)  # (B, K)
-        pool_lp = _take(torch.cat([pool_lp, lp], 1), pos)
-        pool_len = _take(torch.cat([pool_len, length], 1), pos)
-        pool_seq = _take(torch.cat([pool_seq, _pad_time(seq, L + 1)], 1), pos)
-        pool_alpha = _take(torch.cat([pool_alpha, _pad_time(alpha, L + 1)], 1), pos)
+    def add_to_pool(*candidates):  # (A, J) each, in the order of pool; -inf scores are not candidates
+        nonlocal pool
+        score, pos = torch.cat([pool[0], candidates[0]], 1).topk(K, dim=1)  # (A, K)
+        pool = [score] + [_take(torch.cat([p, c], 1), pos) for p, c in zip(pool[1:], candidates[1:])]
+
+    def retire(index):  # copy the pools of live images `index` (A',) to `final`
+        for f, p in zip(final, pool):
+            f.index_copy_(0, live[index], p[index])
 
     for t in range(L + 1):  # L words, then one last chance for <end>
-        lp, state, alpha = model.step(tokens, state, memory)  # (B*K, V), state, (B*K, P)
-        V = lp.size(1)
-        total = beam_lp.unsqueeze(2) + lp.view(B, K, V)  # (B, K, V)
-        top_lp, top_idx = total.view(B, K * V).topk(min(2 * K, K * V), dim=1)  # (B, 2K) best first
-        top_beam, top_tok = top_idx // V, top_idx % V  # (B, 2K)
-        cand_seq = torch.cat([_take(seqs, top_beam), top_tok.unsqueeze(2)], 2)  # (B, 2K, t+1)
-        cand_alpha = torch.cat([_take(seq_alphas, top_beam), _take(alpha.view(B, K, -1), top_beam).unsqueeze(2)], 2)
+        lp, state, alpha = model.step(tokens, state, memory)  # (A*W, V), state, (A*W, P)
+        A, V, W = beam_lp.size(0), lp.size(1), 1 if t == 0 else K
+        hist_alpha[t].index_copy_(0, live, alpha.view(A, W, P).expand(A, K, P))
+        total = beam_lp.unsqueeze(2) + lp.view(A, W, V)  # (A, K, V); at step 0 all but slot 0 are -inf
+        top_lp, top_idx = total.view(A, K * V).topk(min(2 * K, K * V), dim=1)  # (A, 2K) best first
+        top_beam, top_tok = top_idx // V, top_idx % V  # (A, 2K)
 
         is_end = top_tok == END
         done = n_finished >= K
         accept = is_end & (rank[:, : top_lp.size(1)] < K) & ~done.unsqueeze(1) & (top_lp > neg_inf)
         if bool(accept.any()):
             score = torch.where(accept, length_normalize(top_lp, t + 1, options.length_penalty), neg_inf)
-            add_to_pool(score, top_lp, cand_seq, cand_alpha, torch.full_like(top_beam, t + 1))
+            add_to_pool(score, top_lp, torch.full_like(top_beam, t), top_beam, top_tok)
             n_finished += accept.sum(1)
             done = n_finished >= K
-        if t == L or bool(done.all()):
+        n_done = int(done.sum())
+        if t == L or n_done == A:
             break
 
-        cont_lp, cont_pos = torch.where(is_end, neg_inf, top_lp).topk(K, dim=1)  # (B, K) best open beams
+        cont_lp, cont_pos = torch.where(is_end, neg_inf, top_lp).topk(K, dim=1)  # (A, K) best open beams
+        parent, word = _take(top_beam, cont_pos), _take(top_tok, cont_pos)  # (A, K)
+        hist_parent[t].index_copy_(0, live, parent)
+        hist_word[t].index_copy_(0, live, word)
         beam_lp = cont_lp
-        seqs, seq_alphas = _take(cand_seq, cont_pos), _take(cand_alpha, cont_pos)
-        rows = (torch.arange(B).unsqueeze(1) * K + _take(top_beam, cont_pos)).flatten()  # (B*K,)
-        state = tuple(s.index_select(0, rows) for s in state)
-        tokens = _take(top_tok, cont_pos).flatten()
+        rows = (torch.arange(A).unsqueeze(1) * W + (parent if W == K else 0)).expand(A, K)  # (A, K) parents' rows
+        compact = n_done >= COMPACT_SHARE * A
+        if compact:  # drop the rows of done images
+            keep, gone = (~done).nonzero().squeeze(1), done.nonzero().squeeze(1)  # (A',), (A - A',)
+            retire(gone)
+            pool = [p[keep] for p in pool]
+            live, beam_lp, n_finished, word, rows = live[keep], beam_lp[keep], n_finished[keep], word[keep], rows[keep]
+        if compact or W < K:
+            memory = _rows(image_memory, live.repeat_interleave(K), out=buffers)  # (A' * K) rows
+        state = _rows(state, rows.flatten())
+        tokens = word.flatten()
 
-    open_ = ~done.unsqueeze(1) & (beam_lp > neg_inf)  # (B, K) beams that never ended
+    open_ = ~done.unsqueeze(1) & (beam_lp > neg_inf)  # (A, K) beams that never ended (t == L)
     if bool(open_.any()):
-        length = torch.full_like(pool_len[:, :K], seqs.size(2))
-        score = torch.where(open_, length_normalize(beam_lp, seqs.size(2), options.length_penalty), neg_inf)
-        add_to_pool(score, beam_lp, seqs, seq_alphas, length)
+        score = torch.where(open_, length_normalize(beam_lp, L, options.length_penalty), neg_inf)
+        add_to_pool(score, beam_lp, torch.full_like(pool[2], L - 1), hist_parent[L - 1, live], hist_word[L - 1, live])
+    retire(torch.arange(live.numel()))
+
+    # trace the n-best back: slot is the beam slot at step u of each hypothesis
+    N = options.n_best
+    score, log_prob, last, slot, last_word = (f[:, :N] for f in final)  # (B, N) each
+    T = int(last.max()) + 1 if B else 0
+    seq = torch.zeros(B, N, T, dtype=torch.long)  # (B, N, T)
+    alphas = features.new_zeros(B, N, T, P)  # (B, N, T, P)
+    image = torch.arange(B).unsqueeze(1)  # (B, 1)
+    for u in range(T - 1, -1, -1):  # positions past a hypothesis' last step get junk, cut below
+        before = last > u  # (B, N) word u was chosen by a beam that went on
+        seq[:, :, u] = torch.where(before, hist_word[u, image, slot], last_word)
+        slot = torch.where(before, hist_parent[u, image, slot], slot)
+        alphas[:, :, u] = hist_alpha[u, image, slot]
 
     results = []
-    for b in range(B):
+    for b, (scores, lps, lasts) in enumerate(zip(score.tolist(), log_prob.tolist(), last.tolist())):
         hyps = []
-        for j in range(options.n_best):
-            if pool_score[b, j] == neg_inf:
+        for j in range(N):
+            if scores[j] == neg_inf:
                 break
-            n = int(pool_len[b, j])
-            hyps.append(Hypothesis(pool_seq[b, j, :n].tolist(), float(pool_lp[b, j]), float(pool_score[b, j]), pool_alpha[b, j, :n].clone()))
+            n = lasts[j] + 1
+            hyps.append(Hypothesis(seq[b, j, :n].tolist(), lps[j], scores[j], alphas[b, j, :n].clone()))
         results.append(hyps)
     return results

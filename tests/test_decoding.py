@@ -1,9 +1,12 @@
+from typing import NamedTuple
+
 import pytest
 import torch
 
+from imcap import decoding
 from imcap.decoding import DecodingOptions, beam_search, decode, greedy_search
 from imcap.model import ModelConfig, ShowAttendTell
-from imcap.text import END
+from imcap.text import END, START
 
 P, D, V = 6, 10, 23
 
@@ -86,3 +89,141 @@ def test_options_are_validated():
         DecodingOptions(beam_size=0)
     with pytest.raises(ValueError):
         DecodingOptions(beam_size=2, n_best=3)
+
+
+# --- the batched searches (which drop done images' rows) against a plain one-image, one-row-at-a-time search
+
+
+class StubMemory(NamedTuple):
+    features: torch.Tensor  # (B, P, STUB_D)
+    length: torch.Tensor  # (B,) words after which <end> takes over
+
+
+STUB_V, STUB_D = 13, 16
+
+
+class RowwiseStub:
+    """The search contract (attend_memory, init_state, step) with row-wise operations only: exact arithmetic
+    and per-row (log-)softmax, so a row's results never depend on the other rows of the batch, to the bit.
+    Image i writes pseudo-random words and its <end> takes over after about features[i, 0, 0] words."""
+
+    def __init__(self, vocab_size=STUB_V):
+        self.V = vocab_size
+
+    def attend_memory(self, features):
+        return StubMemory(features, features[:, 0, 0].clone())
+
+    def init_state(self, memory):
+        return (memory.features[:, 0, 1 : self.V + 1].clone(), torch.zeros(memory.length.shape))  # h (B, V), t (B,)
+
+    def step(self, tokens, state, memory):
+        h, t = state
+        h = torch.frac(h * 7.31 + tokens.unsqueeze(1) * 0.373 + 0.117)  # (B, V) in [0, 1)
+        t = t + 1
+        end = torch.zeros(self.V)
+        end[END] = 3.0
+        logits = 4.0 * h + (t - memory.length).unsqueeze(1) * end  # (B, V)
+        alpha = torch.softmax(memory.features[:, :, 2] * h[:, :1] * 4.0, dim=1)  # (B, P)
+        return torch.log_softmax(logits, dim=1), (h, t), alpha
+
+
+def stub_features(lengths):
+    f = torch.rand(len(lengths), P, STUB_D, generator=torch.Generator().manual_seed(7))
+    f[:, 0, 0] = torch.tensor(lengths, dtype=torch.float)
+    return f
+
+
+@torch.no_grad()
+def reference_search(model, features, beam_size, max_length, length_penalty=0.0):
+    """The rule of beam_search, written plainly: one image at a time, every hypothesis stepped on its own
+    (a batch of one row), hypotheses as Python lists. Returns all (up to beam_size) hypotheses per image."""
+    K, L = beam_size, max_length
+    results = []
+    for i in range(features.size(0)):
+        memory = model.attend_memory(features[i : i + 1])
+        beams = [(torch.tensor(0.0), [], [], model.init_state(memory))]  # (log p, words, alphas, state)
+        finished, n_finished = [], 0  # (score, log p, words, alphas)
+        for t in range(L + 1):
+            candidates = []
+            for lp_beam, words, alphas, state in beams:
+                lp, next_state, alpha = model.step(torch.tensor([words[-1] if words else START]), state, memory)
+                for v in range(lp.size(1)):
+                    candidates.append((lp_beam + lp[0, v], words + [v], alphas + [alpha[0]], next_state))
+            candidates = sorted(candidates, key=lambda c: -float(c[0]))[: 2 * K]
+            if n_finished < K:
+                for lp_c, words, alphas, _ in candidates[:K]:
+                    if words[-1] == END:
+                        finished.append((decoding.length_normalize(lp_c, t + 1, length_penalty), lp_c, words, alphas))
+                        n_finished += 1
+            if t == L or n_finished >= K:
+                break
+            beams = [c for c in candidates if c[1][-1] != END][:K]
+        if n_finished < K:
+            finished += [(decoding.length_normalize(lp_b, L, length_penalty), lp_b, w, a) for lp_b, w, a, _ in beams]
+        finished = sorted(finished, key=lambda h: -float(h[0]))[:K]
+        results.append([decoding.Hypothesis(w, float(lp), float(s), torch.stack(a)) for s, lp, w, a in finished])
+    return results
+
+
+# lengths from 1 word to never ending (> max_length 12): images finish at very different steps
+STUB_LENGTHS = [1, 14, 3, 2, 9, 30, 5, 1, 12, 7, 4, 11, 40, 6, 2, 8, 10, 3, 13, 5]
+
+
+def assert_same(got, want, exact=True):
+    assert len(got) == len(want)
+    for image_got, image_want in zip(got, want):
+        assert [h.tokens for h in image_got] == [h.tokens for h in image_want]
+        for g, w in zip(image_got, image_want):
+            if exact:
+                assert (g.log_prob, g.score) == (w.log_prob, w.score)
+                assert torch.equal(g.alphas, w.alphas)
+            else:
+                assert g.log_prob == pytest.approx(w.log_prob, abs=1e-4) and g.score == pytest.approx(w.score, abs=1e-4)
+                assert torch.allclose(g.alphas, w.alphas, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, float("inf")])  # drop done images' rows: every step, default, never
+@pytest.mark.parametrize("penalty", [0.0, 1.5])
+@pytest.mark.parametrize("beam", [1, 2, 3, 5])
+def test_batched_search_equals_plain_reference(beam, penalty, share, monkeypatch):
+    monkeypatch.setattr(decoding, "COMPACT_SHARE", share)
+    model, f, L = RowwiseStub(), stub_features(STUB_LENGTHS), 12
+    want = reference_search(model, f, beam, L, penalty)
+    assert len({len(image[0].tokens) for image in want}) >= 8 and not all(image[0].finished for image in want)
+    options = DecodingOptions(beam_size=beam, max_length=L, length_penalty=penalty, n_best=beam)
+    assert_same(beam_search(model, f, options), want)
+    best = decode(model, f, DecodingOptions(beam_size=beam, max_length=L, length_penalty=penalty, n_best=1))
+    if beam == 1:  # decode's greedy search: the same words, log p and alphas; its score is log p
+        want = [[decoding.Hypothesis(h.tokens, h.log_prob, h.log_prob, h.alphas) for h in image] for image in want]
+    assert_same(best, [image[:1] for image in want])
+
+
+@pytest.mark.parametrize("beam", [1, 2, 3, 5])
+def test_batched_search_equals_plain_reference_on_a_model(beam):
+    """As above on a real (random) model; its rows are not bitwise independent of the batch (matmuls block
+    rows differently), hence the tolerance. Made like benchmarks/run.py's decoding_model, so that images end
+    after 1 to 12 words or never."""
+    torch.manual_seed(1)
+    config = ModelConfig(vocab_size=40, feature_dim=D, embed_dim=16, hidden_dim=24, attention_dim=9)
+    model = ShowAttendTell(config).eval()
+    with torch.no_grad():
+        model.embedding.weight *= 10
+        model.out.weight *= 5
+        model.out.bias[END] += 1.0
+    f, L = features(16, seed=11).clamp(min=0), 12
+    want = reference_search(model, f, beam, L, 0.5)
+    assert len({len(h.tokens) for image in want for h in image}) >= 3 and not all(image[0].finished for image in want)
+    options = DecodingOptions(beam_size=beam, max_length=L, n_best=beam, length_penalty=0.5)
+    assert_same(beam_search(model, f, options), want, exact=False)
+    if beam == 1:
+        greedy = decode(model, f, DecodingOptions(beam_size=1, max_length=L))
+        want = [[decoding.Hypothesis(h.tokens, h.log_prob, h.log_prob, h.alphas) for h in image] for image in want]
+        assert_same(greedy, want, exact=False)
+
+
+@pytest.mark.parametrize("beam", [3, 5])
+def test_batched_search_equals_plain_reference_with_fewer_words_than_candidates(beam):
+    """V = 4 < 2K: dead beams (log p -inf) rank among the 2K candidates and go on, yet change nothing."""
+    model, f, L = RowwiseStub(vocab_size=4), stub_features(STUB_LENGTHS), 8
+    want = reference_search(model, f, beam, L, 0.5)
+    assert_same(beam_search(model, f, DecodingOptions(beam_size=beam, max_length=L, n_best=beam, length_penalty=0.5)), want)
