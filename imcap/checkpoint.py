@@ -25,6 +25,7 @@ from .fileio import write_json_atomic
 FORMAT = "imcap-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "model_config", "vocab", "encoder")
+OPTIONAL_OBJECTS = ("train_config", "progress", "data", "metrics", "optimizer")  # objects when present
 
 
 class CheckpointError(Exception):
@@ -69,21 +70,56 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_file}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{meta_file}: malformed JSON (nested too deeply)") from None
+    except OSError as e:
+        raise CheckpointError(f"{meta_file}: cannot read ({e.strerror or e})") from None
+    _validate(meta, meta_file)
+    return meta, _load_tensors(path / "model.safetensors")
+
+
+def _validate(meta, meta_file: Path) -> None:
+    """The shape of checkpoint.json: what the loaders index into must be there with the right types."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file}: not an imcap checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{meta_file}: missing keys {', '.join(missing)}")
-    if meta["version"] > VERSION:
-        raise CheckpointError(f"{meta_file}: written by a newer imcap (format version {meta['version']})")
-    return meta, _load_tensors(path / "model.safetensors")
+    version = meta["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{meta_file}: 'version' must be a positive integer, got {str(version)[:40]!r}")
+    if version > VERSION:
+        raise CheckpointError(f"{meta_file}: written by a newer imcap (format version {version})")
+    for key in ("model_config", "vocab", "encoder", *OPTIONAL_OBJECTS):
+        if key in meta and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{meta_file}: '{key}' must be an object, got {type(meta[key]).__name__}")
+    if "data" in meta and not isinstance(meta["data"].get("features", ""), str):
+        raise CheckpointError(f"{meta_file}: 'data.features' must be the name of a feature store")
+    for key in ("epoch", "step_in_epoch", "global_step"):  # what resuming reads
+        value = meta.get("progress", {}).get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{meta_file}: 'progress.{key}' must be an integer >= 0, got {str(value)[:40]!r}")
+    from .encoders import encoder_spec
+
+    encoder = meta["encoder"]
+    try:
+        if encoder:  # an empty one is left to the consumers (Captioner.load: "inconsistent checkpoint")
+            encoder_spec(encoder.get("name"), encoder.get("image_size"))  # a known encoder at a valid size
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_file}: bad 'encoder' ({str(e).splitlines()[0]})") from None
 
 
 def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer, meta: dict) -> None:
     """Restore optimizer state and the torch RNG from a training checkpoint."""
-    tensors = _load_tensors(_existing(Path(path)) / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    file = _existing(Path(path)) / "optimizer.safetensors"
+    tensors = _load_tensors(file)
+    if "rng.torch" not in tensors or not isinstance(meta.get("optimizer"), dict):
+        raise CheckpointError(f"{file.parent}: not a training checkpoint (no optimizer or RNG state)")
+    try:
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: optimizer state does not fit this model ({str(e).splitlines()[0]})") from None
 
 
 def find_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:

@@ -24,6 +24,8 @@ import os
 import posixpath
 import random
 import re
+import shutil
+import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .fileio import write_json_atomic
-from .images import MAX_PIXELS, ImageError
+from .images import MAX_PIXELS, ImageError, bomb_error, check_file
 from .text import Tokenizer, Vocabulary, get_tokenizer
 
 FORMATS = ("karpathy", "coco", "flickr8k", "aic", "lines")
@@ -59,6 +61,8 @@ class ImageRecord:
     objects: list[dict] | None = None  # ground-truth boxes (synthetic scenes), as in the source
     tokens: list[list[str]] | None = None  # one token list per caption (set by prepare)
     lines: list[int] | None = field(default=None, repr=False, compare=False)  # source line of each caption
+    key: str | None = field(default=None, repr=False, compare=False)  # JSON sources: where the entry is, "images[3]"
+    caption_keys: list[str] | None = field(default=None, repr=False, compare=False)  # JSON: where each caption is
 
     def to_dict(self) -> dict:
         """The dataset.json entry for this image."""
@@ -104,6 +108,8 @@ def _read_json(path: Path):
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: not a caption file (JSON nested too deeply)") from None
 
 
 def _get(obj: dict, key: str, types: type | tuple, path: Path, where: str):
@@ -131,7 +137,7 @@ def read_karpathy(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Prob
     data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path}: not a Karpathy split JSON (expected an object with an 'images' list)")
-    records, problems = [], []
+    records, problems, from_stem = [], [], []
     for i, entry in enumerate(data["images"]):
         where = f"images[{i}]"
         filename = _get(entry, "filename", str, path, where)
@@ -139,22 +145,33 @@ def read_karpathy(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Prob
         file = f"{filepath}/{filename}" if isinstance(filepath, str) and filepath else filename
         sentences = _get(entry, "sentences", list, path, where)
         captions = [_karpathy_caption(s, path, f"{where}.sentences[{j}]") for j, s in enumerate(sentences)]
-        split = {"restval": "train"}.get(entry.get("split"), entry.get("split"))
-        if split is not None and split not in SPLITS:
-            problems.append(_problem(path, f"{where}: split {split!r} is not train/val/test/restval: none"))
+        split = entry.get("split")
+        split = "train" if split == "restval" else split
+        if split is not None and (not isinstance(split, str) or split not in SPLITS):
+            problems.append(_problem(path, f"{where}: split {str(split)[:40]!r} is not train/val/test/restval: none"))
             split = None
         objects = entry.get("objects")
         if objects is not None and not isinstance(objects, list):
             problems.append(_problem(path, f"{where}.objects: not a list: ignored"))
             objects = None
-        image_id = entry.get("id", entry.get("cocoid", _stem(filename)))
-        records.append(ImageRecord(str(image_id), file, split, captions, objects))
+        image_id = entry.get("id", entry.get("cocoid"))
+        if image_id is None:
+            image_id = _stem(filename)
+            from_stem.append(len(records))
+        if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
+            raise DatasetError(f"{path}: {where}.id: unexpected {type(image_id).__name__} {str(image_id)[:40]!r}")
+        records.append(ImageRecord(str(image_id), file, split, captions, objects, key=where,
+                                   caption_keys=[f"{where}.sentences[{j}]" for j in range(len(captions))]))
+    _unique_stem_ids([records[i] for i in from_stem])
     return records, problems
 
 
 def _karpathy_caption(sentence: dict, path: Path, where: str) -> str:
     if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
         return sentence["raw"].strip()
+    if isinstance(sentence, dict) and sentence.get("raw") is not None:
+        raw = sentence["raw"]
+        raise DatasetError(f"{path}: {where}.raw: unexpected {type(raw).__name__} {str(raw)[:40]!r}")
     tokens = _get(sentence, "tokens", list, path, where)  # no "raw": rebuild it from the tokens
     return " ".join(str(t) for t in tokens).strip()
 
@@ -169,7 +186,8 @@ def read_coco(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]
     records, by_id, problems = [], {}, []
     for i, image in enumerate(data["images"]):
         image_id = str(_get(image, "id", (int, str), path, f"images[{i}]"))
-        record = ImageRecord(image_id, _get(image, "file_name", str, path, f"images[{i}]"), None, [])
+        record = ImageRecord(image_id, _get(image, "file_name", str, path, f"images[{i}]"), None, [],
+                             key=f"images[{i}]", caption_keys=[])
         records.append(record)
         by_id.setdefault(image_id, record)  # a repeated id is reported by prepare
     for j, ann in enumerate(data["annotations"]):
@@ -179,6 +197,7 @@ def read_coco(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]
             problems.append(_problem(path, f"annotations[{j}]: image_id {image_id} is not in 'images': caption ignored"))
             continue
         by_id[image_id].captions.append(caption.strip())
+        by_id[image_id].caption_keys.append(f"annotations[{j}]")
     return records, problems
 
 
@@ -195,7 +214,9 @@ def read_aic(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]
         captions = [captions] if isinstance(captions, str) else captions
         if not all(isinstance(c, str) for c in captions):
             raise DatasetError(f"{path}: [{i}].caption: expected a list of strings")
-        records.append(ImageRecord(_stem(file), file, None, [c.strip() for c in captions]))
+        records.append(ImageRecord(_stem(file), file, None, [c.strip() for c in captions], key=f"[{i}]",
+                                   caption_keys=[f"[{i}].caption[{j}]" for j in range(len(captions))]))
+    _unique_stem_ids(records)
     return records, []
 
 
@@ -224,7 +245,7 @@ def read_lines(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem
         record = by_file.setdefault(file, ImageRecord(_stem(file), file, None, [], lines=[]))
         record.captions.append(caption)
         record.lines.append(n)
-    return list(by_file.values()), []
+    return _unique_stem_ids(list(by_file.values())), []
 
 
 def _unquote(text: str) -> str:
@@ -264,7 +285,19 @@ def read_flickr8k(source: str | os.PathLike) -> tuple[list[ImageRecord], list[Pr
         record.captions.append(caption.strip())
         record.lines.append(n)
     problems += _read_flickr8k_splits(folder, by_file)
-    return list(by_file.values()), problems
+    return _unique_stem_ids(list(by_file.values())), problems
+
+
+def _unique_stem_ids(records: list[ImageRecord]) -> list[ImageRecord]:
+    """`records` (ids = file stems), where different files sharing a stem ("a.jpg", "a.png") get their file
+    names as ids instead, so they are not mistaken for one image listed twice."""
+    files: dict[str, set[str]] = {}
+    for r in records:
+        files.setdefault(r.id, set()).add(r.file)
+    for r in records:
+        if len(files[r.id]) > 1:
+            r.id = r.file
+    return records
 
 
 def _read_flickr8k_splits(folder: Path, by_file: dict[str, ImageRecord]) -> list[Problem]:
@@ -324,8 +357,15 @@ def default_image_root(source: str | os.PathLike, fmt: str, files: Sequence[str]
         candidates.append(folder)
     candidates = [c for c in candidates if c.is_dir()]
     sample = list(files)[:: max(len(files) // 50, 1)][:50]
-    hits = [sum((c / f).is_file() for f in sample) for c in candidates]
+    hits = [sum(_is_file(c / f) for f in sample) for c in candidates]
     return candidates[hits.index(max(hits))]
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # name too long, NUL byte, ...: not a hit; prepare reports it later
+        return False
 
 
 def caption_file(source: str | os.PathLike, fmt: str) -> Path:
@@ -343,12 +383,13 @@ def _drop_unusable(records: list[ImageRecord], where: Path, counts: Counter, pro
     seen, kept = set(), []
     for r in records:
         line = r.lines[0] if r.lines else None
+        key = f"{r.key}: " if r.key else ""
         if r.id in seen:
             counts["duplicate"] += 1
-            problems.append(_problem(where, f"image id {r.id!r} ({r.file}) listed again: skipped", line))
+            problems.append(_problem(where, f"{key}image id {r.id!r} ({r.file}) listed again: skipped", line))
         elif _escapes_root(r.file):
             counts["bad_path"] += 1
-            problems.append(_problem(where, f"image path {r.file!r} is outside the image folder: skipped", line))
+            problems.append(_problem(where, f"{key}image path {r.file!r} is outside the image folder: skipped", line))
         else:
             seen.add(r.id)
             kept.append(r)
@@ -363,21 +404,32 @@ def _escapes_root(file: str) -> bool:
 def probe_image(path: Path) -> None:
     """Check that `path` opens as an image from its header alone (fast; a truncated body is not noticed:
     the feature store marks such images failed). Raises ImageError with a one-line message."""
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory, not an image")
+    check_file(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise bomb_error(str(path), e) from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
-    if w * h > MAX_PIXELS or w * h == 0:
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{path}: image too large ({w}x{h} pixels, limit {MAX_PIXELS:,}): possible decompression bomb")
+    if w * h == 0:
         raise ImageError(f"{path}: unusable image size {w}x{h}")
+
+
+def _missing(path: Path) -> bool:
+    """True when nothing is at `path`; an unreadable path (name too long, ...) is left to probe_image."""
+    try:
+        return not os.path.lexists(path) or not path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _check_images(records: list[ImageRecord], root: Path, counts: Counter, problems: list,
@@ -386,7 +438,7 @@ def _check_images(records: list[ImageRecord], root: Path, counts: Counter, probl
     kept = []
     for r in tqdm(records, desc="checking images", unit="img", disable=not progress, leave=False):
         path = root / r.file
-        if not path.exists():
+        if _missing(path):
             counts["missing"] += 1
             counts["missing:" + (r.split or "no split")] += 1
             problems.append(_problem(path, f"image {r.id}: listed but not found"))
@@ -412,14 +464,17 @@ def _tokenize(records: list[ImageRecord], tokenizer: Tokenizer, max_length: int,
             if not words:
                 counts["empty"] += 1
                 what = "empty caption" if not caption else f"caption {caption[:30]!r} has no words"
-                problems.append(_problem(where, f"image {r.id}: {what}: dropped", r.lines[k] if r.lines else None))
+                key = f"{r.caption_keys[k]}: " if r.caption_keys else ""
+                problems.append(_problem(where, f"{key}image {r.id}: {what}: dropped", r.lines[k] if r.lines else None))
                 continue
             counts["truncated"] += len(words) > max_length
             captions.append(caption)
             tokens.append(words[:max_length])
         if not captions:
             counts["without_captions"] += 1
-            problems.append(_problem(where, f"image {r.id}: no usable caption: skipped", r.lines[0] if r.lines else None))
+            key = f"{r.key}: " if r.key else ""
+            problems.append(_problem(where, f"{key}image {r.id}: no usable caption: skipped",
+                                     r.lines[0] if r.lines else None))
             continue
         r.captions, r.tokens = captions, tokens
         kept.append(r)
@@ -498,8 +553,11 @@ def prepare(source: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
     counts["present"] = len(records)
     records = _tokenize(records, tokenizer, max_length, where, counts, problems, progress)
     if not records:
+        skipped = counts["duplicate"] + counts["bad_path"]
         raise DatasetError(f"{source}: none of the {counts['listed']} listed images is usable under {root} "
-                           f"({counts['missing']} missing, {counts['unreadable']} unreadable)")
+                           f"({counts['missing']} missing, {counts['unreadable']} unreadable"
+                           + (f", {counts['without_captions']} without a usable caption" if counts["without_captions"] else "")
+                           + (f", {skipped} skipped (repeated or outside the image folder)" if skipped else "") + ")")
     if split is not None:
         for r in records:
             r.split = split
@@ -507,16 +565,61 @@ def prepare(source: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
         assign_splits(records, val_fraction, test_fraction, seed)
     vocabulary = _vocabulary(records, vocab, min_count, tokenizer.language, source)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     dataset = {"version": DATASET_VERSION, "format": fmt, "source": str(source), "language": tokenizer.language,
                "image_root": str(root), "max_length": max_length, "images": [r.to_dict() for r in records]}
     split_source = "forced" if split is not None else "source" if has_splits else "seeded"
     report = _report(dataset, records, vocabulary, vocab, counts, problems, out_dir, split_source,
                      dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction))
-    write_json_atomic(out_dir / "dataset.json", dataset, indent=None)
-    vocabulary.save(out_dir / "vocab.json")
-    write_json_atomic(out_dir / "report.json", report, indent=1)
+    _write_outputs(out_dir, dataset, vocabulary, report)
     return report
+
+
+COMMIT_DIR = ".prepare-commit"  # inside DATA_DIR: the new outputs, complete, while they are moved in
+OUTPUTS = ("dataset.json", "vocab.json", "report.json")
+
+
+def _write_outputs(out_dir: Path, dataset: dict, vocabulary: Vocabulary, report: dict) -> None:
+    """Write dataset.json, vocab.json and report.json as one: all three are written to a staging folder,
+    which is renamed to COMMIT_DIR (the commit point), and then moved into place. A prepare that fails or
+    is killed before the commit leaves a previous DATA_DIR as it was; one killed after it is completed by
+    the next reader (`_finish_commit`), so dataset.json and vocab.json always come from the same run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _finish_commit(out_dir)
+    for stale in out_dir.glob(".prepare-*.tmp"):  # left by a killed prepare
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = out_dir / f".prepare-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    stage.mkdir()
+    try:
+        write_json_atomic(stage / "dataset.json", dataset, indent=None)
+        vocabulary.save(stage / "vocab.json")
+        write_json_atomic(stage / "report.json", report, indent=1)
+        os.replace(stage, out_dir / COMMIT_DIR)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    _finish_commit(out_dir)
+
+
+def _finish_commit(data_dir: Path) -> None:
+    """Move the files of a committed prepare into DATA_DIR (roll forward after a kill); no-op otherwise."""
+    commit = Path(data_dir) / COMMIT_DIR
+    if not commit.is_dir():
+        return
+    for name in OUTPUTS:
+        try:
+            os.replace(commit / name, Path(data_dir) / name)
+        except FileNotFoundError:  # already moved (by us before a kill, or by another reader)
+            pass
+    shutil.rmtree(commit, ignore_errors=True)
+
+
+def image_failures(report: dict) -> list[str]:
+    """One line "<file>: <problem>" per listed image that exists but cannot be opened (from a report)."""
+    lines = []
+    for p in report["problems"]:
+        _, sep, why = p["problem"].partition(": unreadable: ")
+        if sep:
+            lines.append(f"{p['file']}: {why}")
+    return lines
 
 
 def _report(dataset: dict, records: list[ImageRecord], vocabulary: Vocabulary, vocab_from, counts: Counter,
@@ -583,6 +686,7 @@ def load_dataset(data_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     Each entry has "id", "file" (relative to meta["image_root"]), "split", "captions", "tokens" and,
     for synthetic scenes, "objects"; `ImageRecord.from_dict` turns one into a record.
     """
+    _finish_commit(Path(data_dir))
     path = Path(data_dir) / "dataset.json"
     if not path.is_file():
         raise DatasetError(f"{path}: no such file (run `imcap prepare` first)")
@@ -600,4 +704,7 @@ def load_dataset(data_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
 def load_vocab(data_dir: str | os.PathLike) -> Vocabulary:
     """The vocabulary of DATA_DIR (its vocab.json), or of a vocab.json path."""
     path = Path(data_dir)
-    return Vocabulary.load(path / "vocab.json" if path.is_dir() else path)
+    if path.is_dir():
+        _finish_commit(path)
+        path = path / "vocab.json"
+    return Vocabulary.load(path)

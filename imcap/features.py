@@ -46,12 +46,20 @@ class FeatureStoreError(ValueError):
 
 def read_image_list(data_dir: str | os.PathLike) -> tuple[Path, list[str]]:
     """(image_root, [images[i]["file"], ...]) from DATA_DIR/dataset.json; files are relative to image_root."""
+    from .datasets import _escapes_root, load_dataset
+
     path = Path(data_dir) / "dataset.json"
     if not path.exists():
         raise FeatureStoreError(f"{path}: not found (run imcap prepare first)")
-    with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    return Path(data_dir) / d["image_root"], [im["file"] for im in d["images"]]
+    meta, images = load_dataset(data_dir)  # DatasetError naming the file and key when malformed
+    root = meta.get("image_root")
+    if not isinstance(root, str):
+        raise FeatureStoreError(f"{path}: missing 'image_root'")
+    files = [im["file"] for im in images]
+    for i, file in enumerate(files):
+        if not isinstance(file, str) or _escapes_root(file):
+            raise FeatureStoreError(f"{path}: images[{i}].file {file!r} is not a path inside the image folder")
+    return Path(data_dir) / root, files
 
 
 def _files_digest(files: Sequence[str]) -> str:
@@ -114,7 +122,7 @@ def open_for_writing(path: Path, spec: EncoderSpec, files: Sequence[str], overwr
         _remove(path)
     if not (path / "index.json").exists():
         _create(path, want)
-    index = json.loads((path / "index.json").read_text(encoding="utf-8"))
+    index = _read_index(path)
     problem = _mismatch(index, want)
     if problem:
         raise FeatureStoreError(
@@ -122,9 +130,26 @@ def open_for_writing(path: Path, spec: EncoderSpec, files: Sequence[str], overwr
             f"extract again with overwrite=True (imcap features --overwrite) to start over"
         )
     shape = (index["N"], index["P"], index["D"])
-    features = np.memmap(path / "features.f16", dtype=np.float16, mode="r+", shape=shape)
     status = np.fromfile(path / "status.u8", dtype=np.uint8)
+    size = (path / "features.f16").stat().st_size
+    if len(status) != index["N"] or size != index["N"] * index["P"] * index["D"] * 2:
+        raise FeatureStoreError(f"{path}: status.u8 or features.f16 does not match index.json (a damaged store); "
+                                f"extract again with imcap features --overwrite")
+    features = np.memmap(path / "features.f16", dtype=np.float16, mode="r+", shape=shape)
     return features, status, index
+
+
+def _read_index(path: Path) -> dict:
+    """path/index.json, checked to be a JSON object; FeatureStoreError naming the file otherwise."""
+    file = path / "index.json"
+    try:
+        index = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FeatureStoreError(f"{file}: malformed ({e}); extract again with imcap features --overwrite") from None
+    keys = ("N", "P", "D", "encoder", "images_sha1", "failures")
+    if not isinstance(index, dict) or any(k not in index for k in keys):
+        raise FeatureStoreError(f"{file}: not a feature store index; extract again with imcap features --overwrite")
+    return index
 
 
 # ---------------------------------------------------------------- decoding images in the background
@@ -259,7 +284,7 @@ def extract_features(
 
     def commit(batch: _Batch) -> None:
         for _, problem in batch.failures:
-            _report(problem, progress)
+            _report(f"imcap features: error: {problem}", progress)
         if _record_failures(index, batch, files) and dist.world == 1:
             write_json_atomic(path / "index.json", index)
         write_bytes_atomic(status_file, status.tobytes())
@@ -325,7 +350,7 @@ def _choose(data_dir: Path, encoder: str | None, image_size: int | None) -> Path
     """The one store under DATA_DIR/features matching encoder / image_size (None: any)."""
     root = data_dir / "features"
     stores = sorted(p.parent for p in root.glob("*/index.json")) if root.is_dir() else []
-    specs = {p: json.loads((p / "index.json").read_text(encoding="utf-8"))["encoder"] for p in stores}
+    specs = {p: _read_index(p)["encoder"] for p in stores}
     match = [
         p for p, s in specs.items()
         if (encoder is None or s["name"] == encoder) and (image_size is None or s["image_size"] == image_size)
@@ -361,7 +386,7 @@ class FeatureStore:
         """Open DATA_DIR's store for encoder/image_size (None: the only one there); refuses an unfinished one."""
         data_dir = Path(data_dir)
         path = _choose(data_dir, encoder, image_size)
-        index = json.loads((path / "index.json").read_text(encoding="utf-8"))
+        index = _read_index(path)
         status = np.fromfile(path / "status.u8", dtype=np.uint8)
         todo = int((status == NOT_DONE).sum())
         if todo or len(status) != index["N"]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -22,26 +24,46 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     Raises ImageError with a one-line message for anything that is not a usable image.
     """
     p = Path(path)
-    if p.is_dir():
-        raise ImageError(f"{p}: is a directory, not an image")
-    if not p.exists():
-        raise ImageError(f"{p}: no such file")
     try:
-        if p.stat().st_size == 0:
-            raise ImageError(f"{p}: empty file (0 bytes)")
+        check_file(p)
         with open(p, "rb") as f:
-            return to_rgb(_decode(f, str(p)), str(p))
+            return _to_rgb_checked(_decode(f, str(p)), str(p))
     except ImageError:
         raise
     except PermissionError:
         raise ImageError(f"{p}: permission denied") from None
     except OSError as e:
-        raise ImageError(f"{p}: cannot read image ({e})") from None
+        raise ImageError(f"{p}: cannot read image ({e.strerror or e})") from None
+
+
+def check_file(p: Path) -> None:
+    """ImageError unless `p` is a non-empty regular file (a FIFO or device would block or never end)."""
+    try:
+        st = p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageError(f"{p}: no such file") from None
+    except PermissionError:
+        raise ImageError(f"{p}: permission denied") from None
+    except (OSError, ValueError) as e:  # e.g. file name too long, symlink loop, NUL in the name
+        raise ImageError(f"{p}: cannot read image ({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{p}: is a directory, not an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{p}: not a regular file")
+    if st.st_size == 0:
+        raise ImageError(f"{p}: empty file (0 bytes)")
 
 
 def open_image(fileobj, name: str = "<upload>") -> Image.Image:
     """Like load_image, for an open binary file object (uploads)."""
-    return to_rgb(_decode(fileobj, name), name)
+    return _to_rgb_checked(_decode(fileobj, name), name)
+
+
+def _to_rgb_checked(img: Image.Image, name: str) -> Image.Image:
+    try:
+        return to_rgb(img, name)
+    except Exception as e:  # noqa: BLE001 - an exotic mode PIL cannot convert: the file's problem, one line
+        raise ImageError(f"{name}: cannot convert a {img.mode} image to RGB ({e})") from None
 
 
 def _decode(fileobj, name: str) -> Image.Image:
@@ -56,11 +78,28 @@ def _decode(fileobj, name: str) -> Image.Image:
             return img
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        msg = "not a recognised image format" if isinstance(e, UnidentifiedImageError) else f"decompression bomb ({e})"
-        raise ImageError(f"{name}: {msg}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise bomb_error(name, e) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({_one_line(e)})") from None
+    except MemoryError:
+        raise ImageError(f"{name}: not enough memory to decode this image") from None
+    except Exception as e:  # noqa: BLE001 - a PIL plugin tripping over a corrupt file (EOFError, struct.error, ...)
+        raise ImageError(f"{name}: corrupt image ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def bomb_error(name: str, e: Exception) -> ImageError:
+    """The ImageError for PIL's DecompressionBombError/Warning."""
+    pixels = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(pixels[1]):,} pixels, limit {MAX_PIXELS:,}" if pixels else _one_line(e)
+    return ImageError(f"{name}: image too large ({size}): possible decompression bomb")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] or type(e).__name__
 
 
 def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
@@ -71,11 +110,12 @@ def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
         pass
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         import numpy as np
 
-        a = np.asarray(img, dtype=np.float32)
-        hi = 65535.0 if a.max() > 255 else 255.0
+        a = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        # 16-bit data scaled from 0-65535, 8-bit from 0-255, floats from 0-1
+        hi = 65535.0 if a.max() > 255 else 255.0 if a.max() > 1 or img.mode != "F" else 1.0
         img = Image.fromarray((a / hi * 255.0).clip(0, 255).astype("uint8"), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
