@@ -31,13 +31,18 @@ def cmd_synth(a) -> int:
 
 
 def cmd_prepare(a) -> int:
-    from .datasets import format_summary, prepare
+    from .datasets import format_summary, image_failures, prepare
 
     report = prepare(a.source, a.format, a.out, images=a.images, language=a.language, min_count=a.min_count,
                      max_length=a.max_length, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
                      seed=a.seed, split=a.split, vocab=a.vocab, progress=not a.quiet)
     print(format_summary(report))
-    return EXIT_OK
+    failures = image_failures(report)  # present but unusable images: one line each, and exit status 1
+    for line in failures[:20]:
+        print(f"imcap prepare: error: {line}", file=sys.stderr)
+    if len(failures) > 20:
+        print(f"imcap prepare: error: ... and {len(failures) - 20} more unreadable images (report.json)", file=sys.stderr)
+    return EXIT_FAILED if failures else EXIT_OK
 
 
 def cmd_features(a) -> int:
@@ -59,17 +64,44 @@ def cmd_train(a) -> int:
     _threads(a.threads)
     model_config = {k: v for k, v in {
         "embed_dim": a.embed_dim, "hidden_dim": a.hidden_dim, "attention_dim": a.attention_dim, "rnn": a.rnn,
-        "dropout": a.dropout, "gate": a.gate, "deep_output": a.deep_output}.items() if v is not None}
-    fields = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: getattr(a, k) for k in fields if getattr(a, k, None) is not None})
-    summary = train(a.data_dir, a.out, model_config=model_config, train_config=cfg, features=a.features,
-                    progress=not a.quiet)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
-        return EXIT_OK
-    best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best_val"].items())
-    print(f"training stopped ({summary['stopped']}) after {summary['epochs']} epochs; "
-          f"best epoch {summary['best_epoch']}: {best or 'no validation split'}; run: {summary['out_dir']}")
+        "dropout": a.dropout, "gate": a.gate, "deep_output": a.deep_output,
+        "attention": a.attention}.items() if v is not None}
+    given = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__ if getattr(a, k, None) is not None}
+    stages = [(Path(a.out), model_config, given, a.features)]  # (RUN_DIR, model, train config, store) per stage
+    if a.preset:
+        stages = _preset_stages(a, model_config, given)
+    for out, model, cfg, features in stages:
+        summary = train(a.data_dir, out, model_config=model, train_config=TrainConfig(**cfg), features=features,
+                        progress=not a.quiet)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+            continue
+        best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best_val"].items())
+        stage = f"{cfg.get('objective', 'xe')} stage: " if len(stages) > 1 else ""
+        print(f"{stage}training stopped ({summary['stopped']}) after {summary['epochs']} epochs; "
+              f"best epoch {summary['best_epoch']}: {best or 'no validation split'}; run: {summary['out_dir']}")
     return EXIT_OK
+
+
+def _preset_stages(a, model_config: dict, given: dict) -> list[tuple[Path, dict | None, dict, str]]:
+    """The stages of `--preset`: its values, overridden by the flags given; SCST goes on from RUN_DIR/xe."""
+    from .presets import get_preset
+
+    preset = get_preset(a.preset)
+    if given.get("objective") == "scst" or "init_from" in given:
+        raise ValueError(f"--preset {a.preset} runs its own stages; drop --objective/--init-from (or the preset)")
+    features = a.features or preset.features
+    if not (Path(a.data_dir) / "features" / features).is_dir():
+        raise ValueError(f"{a.data_dir}: preset {a.preset} trains on the feature store {features}, which is "
+                         f"missing: run {preset.features_command.replace('DATA_DIR', str(a.data_dir))}")
+    model = {**preset.model, **model_config}
+    xe = {**preset.train, **{k: v for k, v in given.items() if not k.startswith("scst_")}}
+    if not preset.scst or a.scst_epochs == 0:
+        return [(Path(a.out), model, xe, features)]
+    scst = {**preset.scst, **{k: v for k, v in given.items() if k.startswith("scst_") or k == "seed"},
+            "objective": "scst", "init_from": str(Path(a.out) / "xe")}
+    if a.scst_epochs:
+        scst["epochs"] = a.scst_epochs
+    return [(Path(a.out) / "xe", model, xe, features), (Path(a.out), None, scst, features)]
 
 
 def _decoding(a):
@@ -118,7 +150,7 @@ def _print_caption(r, as_json: bool) -> None:
     if as_json:
         print(json.dumps(r.to_dict(), ensure_ascii=False), flush=True)
     elif r.error:
-        print(f"imcap: error: {r.error}", file=sys.stderr, flush=True)
+        print(f"imcap caption: error: {r.error}", file=sys.stderr, flush=True)
     else:
         print(f"{r.image}\t{r.caption}\t{r.score:.3f}", flush=True)
         for alt in r.alternatives:
@@ -150,6 +182,36 @@ def cmd_serve(a) -> int:
         raise ValueError("--max-upload-mb must be > 0, --concurrency >= 1 and --queue >= 0")
     serve(a.run_dir, a.host, a.port, max_upload_bytes=int(a.max_upload_mb * 1_000_000), max_concurrency=a.concurrency,
           max_queue=a.queue, log_level="warning" if a.quiet else "info")
+    return EXIT_OK
+
+
+def cmd_download(a) -> int:
+    from .download import DATASETS, download, format_listing, get_dataset
+
+    if a.list or a.name in (None, "list"):
+        print(format_listing([get_dataset(a.name)] if a.name not in (None, "list") else None))
+        return EXIT_OK
+    if not a.to:
+        print(f"imcap download: error: --to DIR is required (datasets: {', '.join(DATASETS)})", file=sys.stderr)
+        return EXIT_USAGE
+    overrides = {}
+    for item in a.sha256 or []:
+        name, sep, digest = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sha256 {item!r}: expected FILE=HEX")
+        overrides[name] = digest
+    try:
+        results = download(a.name, a.to, unpack=not a.no_unpack, sha256_overrides=overrides, progress=not a.quiet)
+    except OSError as e:  # DownloadError (network, checksum, unsafe archive), full disk: one line + what to do
+        print(f"imcap download: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        if getattr(e, "instructions", ""):
+            print(e.instructions, file=sys.stderr)
+        return EXIT_FAILED
+    for r in results:
+        print(f"{r.name}: {r.status}, {r.check}" + (", unpacked" if r.unpacked else "")
+              + (f", sha256 {r.sha256}" if r.sha256 else ""))
+    then = get_dataset(a.name).then
+    print(f"{a.name} is in {a.to}" + (f"; next: {then.format(dir=a.to)}" if then else ""))
     return EXIT_OK
 
 
@@ -205,10 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-images", type=int, help="validate on at most N images (default all)")
     s.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: epoch ends)")
     s.add_argument("--seed", type=int, help="seed of initialisation, batch order, dropout (default 0)")
+    s.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's best weights (its model settings too)")
+    s.add_argument("--objective", choices=["xe", "scst"], help="xe: cross-entropy (default); scst: self-critical "
+                   "CIDEr-D fine-tuning (use with --init-from; --batch-size then counts images)")
+    s.add_argument("--scst-samples", type=int, help="SCST: captions sampled per image (default 5)")
+    s.add_argument("--scst-baseline", choices=["greedy", "mean"], help="SCST reward baseline (default greedy)")
+    s.add_argument("--scst-max-length", type=int, help="SCST: words per sampled caption (default 20)")
+    s.add_argument("--preset", help="a named recipe (imcap/presets.py: flickr8k): cross-entropy in RUN_DIR/xe, then "
+                   "SCST in RUN_DIR; flags given override its values")
+    s.add_argument("--scst-epochs", type=int, help="with --preset: epochs of the SCST stage (0: skip it)")
     s.add_argument("--embed-dim", type=int, help="word embedding size m (default 256)")
     s.add_argument("--hidden-dim", type=int, help="recurrent state size n (default 512)")
     s.add_argument("--attention-dim", type=int, help="attention MLP size (default 512)")
     s.add_argument("--rnn", choices=["lstm", "gru"], help="recurrent cell (default lstm)")
+    s.add_argument("--attention", choices=["soft", "hard"], help="soft (default) or hard: stochastic locations "
+                   "trained with REINFORCE (paper section 4.1)")
+    s.add_argument("--hard-entropy-weight", type=float, help="hard attention: entropy bonus lambda_e (default 0.01)")
     s.add_argument("--dropout", type=float, help="dropout before the output layer (default 0.5)")
     s.add_argument("--no-gate", dest="gate", action="store_false", default=None, help="drop the gating scalar beta")
     s.add_argument("--no-deep-output", dest="deep_output", action="store_false", default=None, help="predict words from h alone")
@@ -243,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 503 + Retry-After")
     s.set_defaults(func=cmd_serve)
 
+    from .download import DATASETS
+
+    s = sub.add_parser("download", help="download, verify and unpack a standard dataset (resumes)")
+    s.add_argument("name", nargs="?", choices=[*DATASETS, "list"],
+                   help="dataset to fetch; list: what each one fetches")
+    s.add_argument("--to", metavar="DIR", help="folder for the files (required unless listing)")
+    s.add_argument("--list", action="store_true", help="show what each dataset fetches, with sizes")
+    s.add_argument("--no-unpack", action="store_true", help="keep the archives packed")
+    s.add_argument("--sha256", action="append", metavar="FILE=HEX", help="check FILE against this sha256 (repeatable)")
+    s.set_defaults(func=cmd_download)
+
     s = sub.add_parser("demo", help="synth -> prepare -> features -> train -> evaluate -> caption, on synthetic scenes")
     s.add_argument("--out", default="demo-out", help="folder for everything the demo writes")
     s.add_argument("--images", type=int, default=1200, help="number of synthetic scenes")
@@ -260,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .images import ImageError
 
-    user_errors: tuple[type[BaseException], ...] = (CheckpointError, ImageError, ValueError, FileNotFoundError,
-                                                    NotADirectoryError, PermissionError, ImportError)
+    # OSError: a file the user named cannot be read or written (missing, permission, disk full, ...)
+    user_errors: tuple[type[BaseException], ...] = (CheckpointError, ImageError, ValueError, OSError, ImportError)
     try:
         from .datasets import DatasetError
 
@@ -274,14 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     try:
         return args.func(args)
+    except BrokenPipeError:  # output piped into head & co.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except user_errors as e:
         if os.environ.get("IMCAP_DEBUG"):
             raise
         print(f"imcap {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_FAILED
-    except BrokenPipeError:  # output piped into head & co.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
     except KeyboardInterrupt:
         print(f"imcap {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -135,8 +135,10 @@ def scst_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The self-critical loss of one batch of images (features (I, P, D), images: their reference indices).
 
-    baseline: "greedy" (reward of the greedy caption, decoded without dropout) or "mean" (mean reward of
-    the image's other samples; needs samples >= 2). total_rows: sampled captions in the whole batch when
+    baseline: "greedy" (reward of the greedy caption) or "mean" (mean reward of the image's other samples;
+    needs samples >= 2). Captions are sampled without dropout: with dropout 0.5 before the output layer,
+    samples score far below the greedy caption (CIDEr-D 0.2 against 0.5 on Flickr8k) and nearly every
+    advantage is negative. total_rows: sampled captions in the whole batch when
     this is one shard of it (distributed training), so the shards' losses add up.
     """
     if baseline not in ("greedy", "mean"):
@@ -146,15 +148,15 @@ def scst_loss(
     I = features.size(0)
     row_images = [i for i in images for _ in range(samples)]
     parts: dict[str, float] = {}
+    was_training = model.training
+    model.eval()  # the policy is the network without dropout: samples and greedy captions alike
     if baseline == "greedy":
-        was_training = model.training
-        model.eval()
         greedy = greedy_search(model, features, max_length)
-        model.train(was_training)
         base_per_image = cider.scores([[t for t in h.tokens if t != END] for h in greedy], images)  # (I,)
         base = np.repeat(base_per_image, samples)
         parts["greedy_reward"] = float(base_per_image.mean())
     tokens, log_probs = sample_captions(model, features, samples, max_length)
+    model.train(was_training)
     reward = cider.scores(words_of(tokens), row_images)  # (R,)
     if baseline == "mean":
         per_image = reward.reshape(I, samples)

@@ -266,7 +266,7 @@ class Trainer:
             else:
                 order = self.train_pairs.epoch_order(generator, cfg.group_by_image)
             batches = self._batches(order)
-            t0, seen, losses = time.time(), 0, []
+            t0, seen, losses, part_sums = time.time(), 0, [], {}
             bar = tqdm(total=len(batches), initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
                        disable=not progress_bar or not self.dist.main, leave=False, file=sys.stderr, dynamic_ncols=True)
             for idx in batches[p.step_in_epoch :]:
@@ -278,6 +278,8 @@ class Trainer:
                 p.global_step += 1
                 seen += len(idx)  # captions (SCST: images) of the whole batch, over all processes
                 losses.append(loss)
+                for k, v in parts.items():
+                    part_sums[k] = part_sums.get(k, 0.0) + v
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", caps_per_s=f"{seen / (time.time() - t0):.0f}")
                 if writer and p.global_step % 20 == 0:
@@ -292,7 +294,8 @@ class Trainer:
                     self.save()
                     return self._summary("step limit")
             bar.close()
-            self._end_epoch(options, float(np.mean(losses)) if losses else float("nan"), time.time() - t0, seen, writer)
+            self._end_epoch(options, float(np.mean(losses)) if losses else float("nan"), time.time() - t0, seen, writer,
+                            {k: v / max(len(losses), 1) for k, v in part_sums.items()})
         if writer:
             writer.close()
         return self._summary(stopped)
@@ -346,14 +349,16 @@ class Trainer:
         """Feature rows -> their positions in self.train_images (the CIDEr-D reference sets)."""
         return torch.searchsorted(self.train_images, rows).tolist()
 
-    def _end_epoch(self, options: DecodingOptions, loss: float, seconds: float, seen: int, writer) -> None:
+    def _end_epoch(self, options: DecodingOptions, loss: float, seconds: float, seen: int, writer,
+                   parts: dict[str, float]) -> None:
         p = self.progress
         t0 = time.time()
         scores, hyps = validate(self.model, self.images, self.store, self.vocab, options, self.cfg.val_images,
                                 dist=self.dist)
         p.epoch += 1
         p.step_in_epoch = 0
-        record = {"epoch": p.epoch, "step": p.global_step, "train_loss": loss, "train_seconds": round(seconds, 2),
+        record = {"epoch": p.epoch, "step": p.global_step, "train_loss": loss, "train_parts": parts,
+                  "train_seconds": round(seconds, 2),
                   "captions_per_s": round(seen / max(seconds, 1e-9), 1), "val_seconds": round(time.time() - t0, 2),
                   "val": scores}
         p.history.append(record)

@@ -131,3 +131,27 @@ def test_cli_init_from_a_folder_without_checkpoint_is_a_one_line_error(tiny_data
     code = main(["train", str(tiny_data), "--out", str(tmp_path / "run"), "--objective", "scst",
                  "--init-from", str(other), "--quiet"])
     assert code != 0 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_preset_runs_cross_entropy_then_scst_and_resumes(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", str(tiny_data), "--out", str(run), "--preset", "flickr8k", "--features", "efficientnet-lite0-64",
+            "--epochs", "1", "--scst-epochs", "1", "--embed-dim", "16", "--hidden-dim", "24", "--attention-dim", "16",
+            "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "xe stage" in out and "scst stage" in out
+    xe = json.loads((run / "xe/best/checkpoint.json").read_text())
+    final = json.loads((run / "best/checkpoint.json").read_text())
+    assert xe["train_config"]["warmup_steps"] == 200 and xe["model_config"]["hidden_dim"] == 24  # preset + flags
+    assert final["train_config"]["objective"] == "scst" and final["train_config"]["init_from"] == str(run / "xe")
+    assert final["model_config"] == xe["model_config"]
+    before = (run / "checkpoint/model.safetensors").read_bytes()
+    assert main(argv) == 0  # both stages finished: a re-run changes nothing
+    assert (run / "checkpoint/model.safetensors").read_bytes() == before
+
+
+def test_preset_without_its_feature_store_says_how_to_make_it(tiny_data, tmp_path, capsys):
+    code = main(["train", str(tiny_data), "--out", str(tmp_path / "run"), "--preset", "flickr8k", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "imcap features" in err and "efficientnet-lite2" in err and len(err.splitlines()) == 1

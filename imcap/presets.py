@@ -1,0 +1,42 @@
+"""Named training recipes: `imcap train DATA_DIR --out RUN_DIR --preset NAME`.
+
+A preset fixes the feature store, the model, the cross-entropy stage and, optionally, a self-critical
+(SCST) stage that starts from the cross-entropy stage's best weights. With an SCST stage the cross-entropy
+run lives in RUN_DIR/xe and the final model in RUN_DIR itself, so `imcap evaluate RUN_DIR` scores the
+finished recipe. Both stages resume: re-running the same command continues where it stopped. Flags given on
+the command line override the preset's values (model and cross-entropy flags apply to the cross-entropy
+stage, --scst-* flags to the SCST stage). docs/results.md records how each preset was chosen and scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    features: str  # the store `imcap features` must have made, e.g. efficientnet-lite2-224
+    features_command: str  # how to make it
+    model: dict = field(default_factory=dict)  # ModelConfig fields
+    train: dict = field(default_factory=dict)  # TrainConfig fields of the cross-entropy stage
+    scst: dict = field(default_factory=dict)  # TrainConfig fields of the SCST stage ({}: no SCST stage)
+
+
+PRESETS: dict[str, Preset] = {
+    "flickr8k": Preset(
+        description="Flickr8k (or a set of that size): EfficientNet-Lite2 7x7 grid, cross-entropy then SCST",
+        features="efficientnet-lite2-224",
+        features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 224",
+        model={"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512, "dropout": 0.5},
+        train={"epochs": 7, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "patience": 3},
+        scst={"epochs": 4, "batch_size": 50, "lr": 2e-4, "lr_schedule": "constant", "warmup_steps": 0,
+              "scst_samples": 5, "scst_baseline": "greedy", "scst_max_length": 20, "patience": 2},
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
