@@ -78,6 +78,11 @@ class Progress:
     best_epoch: int = -1
     epochs_since_best: int = 0
     history: list = field(default_factory=list)  # one dict per finished epoch
+    # running sums of the current epoch, so that an epoch resumed mid-way reports the whole epoch
+    epoch_loss_sum: float = 0.0
+    epoch_part_sums: dict = field(default_factory=dict)
+    epoch_seen: int = 0  # captions (SCST: images) trained on
+    epoch_seconds: float = 0.0
 
 
 class CaptionPairs:
@@ -166,6 +171,7 @@ class Trainer:
         resume = (self.out_dir / "checkpoint").exists() or (self.out_dir / "checkpoint.old").exists()
         saved = ckpt.load_checkpoint(self.out_dir / "checkpoint") if resume else None
         if saved:
+            _check_resumable(self.out_dir / "checkpoint", saved[0])
             self._check_same_data(saved[0])
             features = saved[0]["data"]["features"]
         encoder, size = _split_store_name(features)
@@ -223,7 +229,7 @@ class Trainer:
         return state
 
     def _check_same_data(self, meta: dict) -> None:
-        if Path(meta["data"]["data_dir"]) != self.data_dir:
+        if Path(meta["data"].get("data_dir", self.data_dir)) != self.data_dir:
             self.log(f"note: {self.out_dir} was trained on {meta['data']['data_dir']}; continuing with {self.data_dir}")
         if meta["vocab"]["tokens"] != self.vocab.tokens:
             raise ValueError(f"{self.out_dir}: its vocabulary differs from {self.data_dir}/vocab.json; use a new --out")
@@ -255,6 +261,8 @@ class Trainer:
         total_steps = cfg.epochs * self.steps_per_epoch
         options = DecodingOptions(beam_size=cfg.val_beam, max_length=cfg.val_max_length)
         self.model.train()
+        if self.dist.main and p.history:  # a kill after the last checkpoint may have left it an epoch short
+            write_jsonl_atomic(self.out_dir / "metrics.jsonl", p.history)
         stopped = "epochs"
         while p.epoch < cfg.epochs:
             if cfg.patience and p.epochs_since_best >= cfg.patience:
@@ -266,7 +274,7 @@ class Trainer:
             else:
                 order = self.train_pairs.epoch_order(generator, cfg.group_by_image)
             batches = self._batches(order)
-            t0, seen, losses, part_sums = time.time(), 0, [], {}
+            t0 = time.time() - p.epoch_seconds  # the seconds before a mid-epoch resume count too
             bar = tqdm(total=len(batches), initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
                        disable=not progress_bar or not self.dist.main, leave=False, file=sys.stderr, dynamic_ncols=True)
             for idx in batches[p.step_in_epoch :]:
@@ -276,12 +284,13 @@ class Trainer:
                 loss, parts = self._step(idx)
                 p.step_in_epoch += 1
                 p.global_step += 1
-                seen += len(idx)  # captions (SCST: images) of the whole batch, over all processes
-                losses.append(loss)
+                p.epoch_seen += len(idx)  # captions (SCST: images) of the whole batch, over all processes
+                p.epoch_loss_sum += loss
                 for k, v in parts.items():
-                    part_sums[k] = part_sums.get(k, 0.0) + v
+                    p.epoch_part_sums[k] = p.epoch_part_sums.get(k, 0.0) + v
+                p.epoch_seconds = time.time() - t0
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", caps_per_s=f"{seen / (time.time() - t0):.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", caps_per_s=f"{p.epoch_seen / max(p.epoch_seconds, 1e-9):.0f}")
                 if writer and p.global_step % 20 == 0:
                     writer.add_scalar("train/loss", loss, p.global_step)
                     for k, v in parts.items():
@@ -294,8 +303,9 @@ class Trainer:
                     self.save()
                     return self._summary("step limit")
             bar.close()
-            self._end_epoch(options, float(np.mean(losses)) if losses else float("nan"), time.time() - t0, seen, writer,
-                            {k: v / max(len(losses), 1) for k, v in part_sums.items()})
+            steps = max(p.step_in_epoch, 1)
+            self._end_epoch(options, p.epoch_loss_sum / steps if p.step_in_epoch else float("nan"), time.time() - t0,
+                            p.epoch_seen, writer, {k: v / steps for k, v in p.epoch_part_sums.items()})
         if writer:
             writer.close()
         return self._summary(stopped)
@@ -356,7 +366,7 @@ class Trainer:
         scores, hyps = validate(self.model, self.images, self.store, self.vocab, options, self.cfg.val_images,
                                 dist=self.dist)
         p.epoch += 1
-        p.step_in_epoch = 0
+        p.step_in_epoch, p.epoch_loss_sum, p.epoch_part_sums, p.epoch_seen, p.epoch_seconds = 0, 0.0, {}, 0, 0.0
         record = {"epoch": p.epoch, "step": p.global_step, "train_loss": loss, "train_parts": parts,
                   "train_seconds": round(seconds, 2),
                   "captions_per_s": round(seen / max(seconds, 1e-9), 1), "val_seconds": round(time.time() - t0, 2),
@@ -396,6 +406,18 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_conf
     """Train (or resume, when out_dir holds a checkpoint) a captioner on DATA_DIR's cached features."""
     trainer = Trainer(data_dir, out_dir, model_config, train_config, features, log)
     return trainer.train(progress_bar=progress, stop_after_steps=stop_after_steps)
+
+
+def _check_resumable(path: Path, meta: dict) -> None:
+    """What resuming reads from checkpoint.json beyond what every checkpoint has; CheckpointError if absent."""
+    for key in ("data", "train_config", "progress"):
+        if not isinstance(meta.get(key), dict):
+            raise ckpt.CheckpointError(f"{path}/checkpoint.json: cannot resume, '{key}' is missing or not an object")
+    if not isinstance(meta["data"].get("features"), str):
+        raise ckpt.CheckpointError(f"{path}/checkpoint.json: cannot resume, data.features is missing")
+    unknown = set(meta["progress"]) - set(Progress.__dataclass_fields__)
+    if unknown:
+        raise ckpt.CheckpointError(f"{path}/checkpoint.json: unknown progress keys {', '.join(sorted(unknown))}")
 
 
 def _train_images(images: list[dict], store: FeatureStore) -> torch.Tensor:

@@ -824,10 +824,9 @@ def test_train_refuses_a_crafted_training_checkpoint(tiny_data, tmp_path, case):
     assert not marker.exists()
 
 
-# =============================================================================================== known train.py gaps
-# Weights, optimizer state, RNG and validation history resume exactly (test above). Two records of a run
-# do not yet; imcap/train.py is not part of this change, so these are strict xfails: when train.py is
-# fixed they pass, fail as XPASS, and the marker is to be removed. See docs/reliability.md.
+# ======================================================================================= records of a resumed run
+# Weights, optimizer state, RNG and validation history resume exactly (test above); so do the epoch's
+# running loss and metrics.jsonl, and a checkpoint.json that cannot be resumed from is refused in one line.
 
 def _api_train(data, out, **kw):
     from imcap.train import TrainConfig, train
@@ -837,8 +836,6 @@ def _api_train(data, out, **kw):
                  progress=False, log=lambda *a: None, **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: an epoch's train_loss after a mid-epoch resume is the mean of the "
-                                       "steps run after the resume only (the running sum is not checkpointed)")
 def test_train_loss_of_an_epoch_resumed_mid_way_is_the_whole_epochs(tiny_data, tmp_path):
     _api_train(tiny_data, tmp_path / "straight")
     _api_train(tiny_data, tmp_path / "resumed", stop_after_steps=4)  # 10 steps an epoch: stop mid-epoch 1
@@ -848,8 +845,6 @@ def test_train_loss_of_an_epoch_resumed_mid_way_is_the_whole_epochs(tiny_data, t
     assert losses[0] == losses[1]
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: metrics.jsonl is written after the last checkpoint; a kill in "
-                                       "between leaves it without the last epoch and the re-run does not rewrite it")
 def test_metrics_jsonl_is_complete_after_a_kill_between_the_last_checkpoint_and_it(tiny_data, tmp_path):
     _api_train(tiny_data, tmp_path / "run")
     metrics = tmp_path / "run/metrics.jsonl"
@@ -857,3 +852,23 @@ def test_metrics_jsonl_is_complete_after_a_kill_between_the_last_checkpoint_and_
     metrics.write_text(complete[0] + "\n")  # the state such a kill leaves: checkpoint at epoch 2, metrics at 1
     _api_train(tiny_data, tmp_path / "run")
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("damage", ["no data", "no train_config", "unknown progress key"])
+def test_a_checkpoint_that_cannot_be_resumed_is_a_one_line_error(tiny_data, tmp_path, damage, capsys):
+    _api_train(tiny_data, tmp_path / "run")
+    meta_file = tmp_path / "run/checkpoint/checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    if damage == "no data":
+        del meta["data"]
+    elif damage == "no train_config":
+        del meta["train_config"]
+    else:
+        meta["progress"]["surprise"] = 1
+    meta_file.write_text(json.dumps(meta))
+    before = meta_file.read_bytes()
+    code = main(["train", str(tiny_data), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and ("cannot resume" in err[0] or "unknown progress keys" in err[0])
+    assert "checkpoint.json" in err[0]
+    assert meta_file.read_bytes() == before  # nothing rewritten
