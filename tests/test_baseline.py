@@ -10,10 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 repo = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(repo / "benchmarks"))
 
-from baseline import TutorialDecoder, cell_parameters  # noqa: E402
+from baseline import TutorialDecoder, cell_parameters, tutorial_beam_search  # noqa: E402
 from run import decode_tokens, train_flops, training_step  # noqa: E402
 
-from imcap.decoding import DecodingOptions  # noqa: E402
+from imcap.decoding import DecodingOptions, decode  # noqa: E402
 from imcap.model import ModelConfig, ShowAttendTell  # noqa: E402
 from imcap.text import END  # noqa: E402
 
@@ -109,3 +109,37 @@ def test_one_image_at_a_time_equals_batched():
         assert decode_tokens(model, features, options, chunk=3) == batched, k
         lengths |= {len(t) for t in batched}
     assert len(lengths) > 2  # captions end at different steps: the comparison is not trivial
+
+
+def talkative(rnn="lstm") -> tuple[ShowAttendTell, torch.Tensor]:
+    """A small random model made to write captions of 2 to 12 words, some unfinished at max_length 12 (the
+    trick of run.decoding_model: words drive the state, peaky logits, <end> raised), and 20 images of
+    nonnegative features with a per-image channel pattern, as run.decoding_features."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=100, feature_dim=32, embed_dim=16, hidden_dim=32, attention_dim=16, rnn=rnn)
+    model = ShowAttendTell(cfg).eval()
+    with torch.no_grad():
+        model.embedding.weight *= 10
+        model.out.weight *= 5
+        model.out.bias[END] += 1.0
+    g = torch.Generator().manual_seed(1)
+    features = (torch.randn(20, 1, 32, generator=g) + torch.randn(20, 9, 32, generator=g)).clamp(min=0)  # (20, 9, 32)
+    return model, features
+
+
+@pytest.mark.parametrize("rnn, k", [("lstm", 1), ("lstm", 3), ("lstm", 5), ("gru", 3)])
+def test_tutorial_beam_search_finds_imcaps_captions(rnn, k):
+    """The benchmark's one-image-at-a-time beam search baseline searches by imcap.decoding's rules: same best
+    caption, log p and attention for every image, whether the search ends with k finished hypotheses or at
+    max_length."""
+    model, features = talkative(rnn)
+    best = [hyps[0] for hyps in decode(model, features, DecodingOptions(beam_size=k, max_length=12))]
+    baseline = TutorialDecoder(model).eval()
+    for image, hyp in zip(features, best):
+        tokens, log_prob, alphas = tutorial_beam_search(baseline, image, beam_size=k, max_length=12)
+        assert tokens == hyp.tokens
+        assert log_prob == pytest.approx(hyp.score, abs=1e-4)
+        assert torch.allclose(alphas, hyp.alphas, atol=1e-5)
+    if rnn == "lstm":  # the comparison is not trivial: captions of several lengths, finished and not
+        assert len({len(h.tokens) for h in best}) >= 4
+        assert any(h.finished for h in best) and any(not h.finished for h in best)
