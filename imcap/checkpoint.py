@@ -2,8 +2,13 @@
 
 A checkpoint is a directory:
     model.safetensors       the decoder's weights
+    encoder.safetensors     fine-tuned encoder weights (end-to-end runs only, finetune.py): the trained top
+                            blocks of the trunk, keyed as in its state_dict; the rest comes from the encoder spec
     optimizer.safetensors   optimizer state tensors and the torch RNG state (training checkpoints only)
     checkpoint.json         configs, vocabulary, encoder spec, progress, metrics, optimizer hyper-parameters
+
+A checkpoint with encoder weights says so in checkpoint.json ("encoder_weights": "encoder.safetensors")
+and is format version 2, so that an imcap that would ignore the file refuses it instead.
 
 It is written to `<dir>.tmp`, then swapped in with renames; `<dir>.old` is the previous one and is
 used if a kill landed between the two renames.
@@ -23,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from .fileio import write_json_atomic
 
 FORMAT = "imcap-checkpoint"
-VERSION = 1
+VERSION = 2  # the newest version read; 1: decoder only, 2: may carry encoder weights
+ENCODER_FILE = "encoder.safetensors"
 REQUIRED_KEYS = ("format", "version", "model_config", "vocab", "encoder")
 OPTIONAL_OBJECTS = ("train_config", "progress", "data", "metrics", "optimizer")  # objects when present
 
@@ -37,15 +43,20 @@ def save_checkpoint(
     model: torch.nn.Module,
     meta: dict,
     optimizer: torch.optim.Optimizer | None = None,
+    encoder_weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write model weights, meta (JSON-able) and optionally optimizer + RNG state to directory `path`."""
+    """Write model weights, meta (JSON-able) and optionally optimizer + RNG state and fine-tuned encoder
+    weights to directory `path`."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, tmp / "model.safetensors")
-    meta = {"format": FORMAT, "version": VERSION, **meta}
+    meta = {"format": FORMAT, "version": 1, **meta}
+    if encoder_weights is not None:
+        save_file(encoder_weights, tmp / ENCODER_FILE)
+        meta.update(version=2, encoder_weights=ENCODER_FILE)
     if optimizer is not None:
         tensors, meta["optimizer"] = _flatten_optimizer(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
@@ -93,6 +104,8 @@ def _validate(meta, meta_file: Path) -> None:
     for key in ("model_config", "vocab", "encoder", *OPTIONAL_OBJECTS):
         if key in meta and not isinstance(meta[key], dict):
             raise CheckpointError(f"{meta_file}: '{key}' must be an object, got {type(meta[key]).__name__}")
+    if meta.get("encoder_weights", ENCODER_FILE) != ENCODER_FILE:
+        raise CheckpointError(f"{meta_file}: 'encoder_weights' must be {ENCODER_FILE!r}")
     if "data" in meta and not isinstance(meta["data"].get("features", ""), str):
         raise CheckpointError(f"{meta_file}: 'data.features' must be the name of a feature store")
     for key in ("epoch", "step_in_epoch", "global_step"):  # what resuming reads
@@ -107,6 +120,13 @@ def _validate(meta, meta_file: Path) -> None:
             encoder_spec(encoder.get("name"), encoder.get("image_size"))  # a known encoder at a valid size
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{meta_file}: bad 'encoder' ({str(e).splitlines()[0]})") from None
+
+
+def load_encoder_weights(path: str | os.PathLike, meta: dict) -> dict[str, torch.Tensor] | None:
+    """The fine-tuned encoder weights of the checkpoint at `path` (meta from load_checkpoint); None if it has none."""
+    if "encoder_weights" not in meta:
+        return None
+    return _load_tensors(_existing(Path(path)) / ENCODER_FILE)
 
 
 def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer, meta: dict) -> None:

@@ -67,6 +67,8 @@ def cmd_train(a) -> int:
         "dropout": a.dropout, "gate": a.gate, "deep_output": a.deep_output,
         "attention": a.attention}.items() if v is not None}
     given = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__ if getattr(a, k, None) is not None}
+    if "encoder_lr" in given and not given.get("finetune_blocks"):
+        raise ValueError("--encoder-lr needs --finetune-blocks N")
     stages = [(Path(a.out), model_config, given, a.features)]  # (RUN_DIR, model, train config, store) per stage
     if a.preset:
         stages = _preset_stages(a, model_config, given)
@@ -122,6 +124,10 @@ def cmd_evaluate(a) -> int:
         print(f"{report['split']}: {report['images']} images, beam {a.beam}")
         for k, v in report["scores"].items():
             print(f"  {k:8s} {'n/a' if v is None else f'{v:.4f}'}")
+        if report.get("grounding"):
+            g = report["grounding"]
+            print(f"  grounding {g['score']:.4f} (chance {g['chance']:.4f}; {g['words']} object words "
+                  f"in {g['images']} scenes)")
     return EXIT_OK
 
 
@@ -276,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", help="a named recipe (imcap/presets.py: flickr8k): cross-entropy in RUN_DIR/xe, then "
                    "SCST in RUN_DIR; flags given override its values")
     s.add_argument("--scst-epochs", type=int, help="with --preset: epochs of the SCST stage (0: skip it)")
+    s.add_argument("--finetune-blocks", type=int, metavar="N", help="end to end: also train the encoder's last N "
+                   "blocks + head conv on the images (needs --init-from; docs/finetune.md)")
+    s.add_argument("--encoder-lr", type=float, help="with --finetune-blocks: peak LR of those blocks (default 1e-4)")
     s.add_argument("--embed-dim", type=int, help="word embedding size m (default 256)")
     s.add_argument("--hidden-dim", type=int, help="recurrent state size n (default 512)")
     s.add_argument("--attention-dim", type=int, help="attention MLP size (default 512)")

@@ -26,7 +26,7 @@ def run_demo(out: str | Path = "demo-out", *, n_images: int = 1200, epochs: int 
     from .decoding import DecodingOptions
     from .evaluate import evaluate
     from .features import FeatureStore, extract_features
-    from .synth import grounding_score, make_scenes
+    from .synth import make_scenes
     from .train import TrainConfig, train
     from .visualize import save_attention_figure
 
@@ -63,15 +63,9 @@ def run_demo(out: str | Path = "demo-out", *, n_images: int = 1200, epochs: int 
     meta, images = load_dataset(out / "data")
     root = Path(meta["image_root"])
     store = FeatureStore.open(out / "data")
-    test = [i for i, im in enumerate(images) if im["split"] == "test" and store.ok[i]]
+    test = [i for i, im in enumerate(images) if im["split"] == "test" and store.ok[i]][:EXAMPLES]
     results = captioner.caption_features(store.get(np.array(test)), options, [images[i]["id"] for i in test])
-    grounding, chance = [], []
     for i, r in zip(test, results):
-        g = grounding_score(r.tokens, r.alphas[: len(r.tokens)], images[i].get("objects", []), (224, 224))
-        if g["score"] is not None:
-            grounding.append(g["score"])
-            chance.append(g["chance"])
-    for i, r in list(zip(test, results))[:EXAMPLES]:
         image_path = root / images[i]["file"]
         from .images import load_image
 
@@ -79,10 +73,10 @@ def run_demo(out: str | Path = "demo-out", *, n_images: int = 1200, epochs: int 
         tokens = r.tokens + (["<end>"] if r.finished else [])
         save_attention_figure(fig, load_image(image_path), tokens, r.alphas, caption=r.caption)
         print(f"   {images[i]['id']}: {r.caption!r}   (reference: {images[i]['captions'][0]!r})  -> {fig}")
-    score = float(np.mean(grounding)) if grounding else float("nan")
-    base = float(np.mean(chance)) if chance else float("nan")
+    g = report.get("grounding") or {"score": float("nan"), "chance": float("nan"), "images": 0}
+    score = g["score"]
     print(f"   attention grounding: {score:.3f} of each shape word's attention lies inside that object's box "
-          f"(chance, i.e. box area share: {base:.3f}; {len(grounding)} images)")
+          f"(chance, i.e. box area share: {g['chance']:.3f}; {g['images']} images)")
     _done(t0)
     print(f"\ndemo finished in {time.time() - start:.0f} s: BLEU-4 {report['scores']['BLEU-4']:.3f}, "
           f"CIDEr {report['scores']['CIDEr']:.3f}, grounding {score:.3f}; everything is in {out}/")

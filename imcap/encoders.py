@@ -7,6 +7,7 @@ and is saved (as JSON) in the feature store and in checkpoints.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import asdict, dataclass, fields
 
@@ -104,9 +105,35 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S), preprocessed -> annotations (B, P, D), P = h * w row-major."""
+        return self.top(self.bottom(images, 0), 0)
+
+    def bottom(self, images: torch.Tensor, n: int) -> torch.Tensor:
+        """images (B, 3, S, S), preprocessed -> the activations (B, C, h', w') entering the last n MBConv blocks.
+
+        bottom and top split EfficientNet.extract_features so that fine-tuning (finetune.py) can run the
+        frozen part without autograd: top(bottom(x, n), n) == forward(x) for every n.
+        """
         self._check(images)
-        x = self.net.extract_features(images.contiguous(memory_format=torch.channels_last))  # (B, D, h, w)
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(images.contiguous(memory_format=torch.channels_last))))
+        for idx in range(len(net._blocks) - n):
+            x = self._block(idx, x)
+        return x
+
+    def top(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """bottom(images, n) -> annotations (B, P, D): the last n MBConv blocks, then the head conv."""
+        net = self.net
+        for idx in range(len(net._blocks) - n, len(net._blocks)):
+            x = self._block(idx, x)
+        x = net._swish(net._bn1(net._conv_head(x)))  # (B, D, h, w)
         return x.flatten(2).transpose(1, 2)  # (B, P, D)
+
+    def _block(self, idx: int, x: torch.Tensor) -> torch.Tensor:
+        """MBConv block idx, with the drop-connect rate EfficientNet.extract_features gives it (off in eval mode)."""
+        rate = self.net._global_params.drop_connect_rate
+        if rate:
+            rate *= float(idx) / len(self.net._blocks)
+        return self.net._blocks[idx](x, drop_connect_rate=rate)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S), preprocessed -> ImageNet logits (B, 1000)."""
@@ -133,14 +160,41 @@ class ImageEncoder(nn.Module):
         self.requires_grad_(False)
         if n <= 0:
             return []
-        blocks = self.net._blocks
-        if n > len(blocks):
-            raise ValueError(f"{self.spec.name} has {len(blocks)} MBConv blocks, asked for {n}")
-        modules = [*blocks[-n:], self.net._conv_head, self.net._bn1]
-        params = [p for m in modules for p in m.parameters()]
+        params = [p for m in self.top_modules(n).values() for p in m.parameters()]
         for p in params:
             p.requires_grad_(True)
         return params
+
+    def top_modules(self, n: int) -> dict[str, nn.Module]:
+        """The modules trainable_top_blocks(n) trains, by their name in self.net (n=0: the head conv only)."""
+        blocks = len(self.net._blocks)
+        if not 0 <= n <= blocks:
+            raise ValueError(f"{self.spec.name} has {blocks} MBConv blocks, asked for {n}")
+        return {**{f"_blocks.{i}": self.net._blocks[i] for i in range(blocks - n, blocks)},
+                "_conv_head": self.net._conv_head, "_bn1": self.net._bn1}
+
+    def top_state(self, n: int) -> dict[str, torch.Tensor]:
+        """Weights and BatchNorm buffers of the last n blocks and the head, keyed as in self.net.state_dict()."""
+        return {f"{name}.{k}": v.detach().contiguous().clone()
+                for name, m in self.top_modules(n).items() for k, v in m.state_dict().items()}
+
+    def load_top_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite part of the trunk with `state` (from top_state); ValueError if a tensor does not fit."""
+        own = self.net.state_dict()
+        bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"encoder weights do not fit {self.spec.name}: {', '.join(bad[:3])}")
+        self.net.load_state_dict(state, strict=False)
+
+
+@functools.cache
+def block_count(name: str) -> int:
+    """Number of MBConv blocks in encoder `name` (the same at every image size), without loading weights."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}: choose one of {', '.join(ENCODERS)}")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return len(EfficientNet.from_name(name, image_size=STRIDE)._blocks)
 
 
 def build_encoder(name: str = "efficientnet-lite0", image_size: int = 224, pretrained: bool = True) -> ImageEncoder:

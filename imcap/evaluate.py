@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .api import Captioner
 from .fileio import write_json_atomic
@@ -19,6 +21,7 @@ from .datasets import load_dataset
 from .decoding import DecodingOptions
 from .features import FeatureStore
 from .metrics import score_captions, write_coco_results
+from .synth import mean_grounding
 
 
 def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, split: str = "test",
@@ -26,27 +29,22 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
              captioner: Captioner | None = None) -> dict:
     """Scores (BLEU-1..4, METEOR, ROUGE_L, CIDEr) of RUN_DIR's best checkpoint on DATA_DIR's `split`.
 
-    Writes RUN_DIR/eval/<split>-beam<K>.results.json (COCO results format) and .scores.json beside it.
+    Writes RUN_DIR/eval/<split>-beam<K>[-lp<X>].results.json (COCO results format) and .scores.json beside it.
     """
     captioner = captioner or Captioner.load(run_dir)
     data_dir = Path(data_dir or captioner.meta["data"]["data_dir"])
     meta, images = load_dataset(data_dir)
-    spec = captioner.encoder_spec
-    store = FeatureStore.open(data_dir, encoder=spec.name, image_size=spec.image_size)
-    if store.spec.weights != spec.weights:
-        raise ValueError(f"{store.path}: features were made with weights {store.spec.weights}, the model with {spec.weights}")
-    rows = [i for i, im in enumerate(images) if im.get("split") == split and store.ok[i]]
-    rows = rows[:limit] if limit else rows
-    if not rows:
-        raise ValueError(f"{data_dir}: no images with features in split {split!r}")
     t0 = time.time()
-    hyps = {}
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    rows, batches = _annotations(captioner, data_dir, images, split, limit, batch_size)
+    hyps, boxed = {}, []  # boxed: (result, record) of scenes with ground-truth boxes, for the grounding score
+    for chunk, features in batches:
         names = [images[i]["id"] for i in chunk]
-        for r in captioner.caption_features(store.get(np.array(chunk)), options, names):
+        for i, r in zip(chunk, captioner.caption_features(features, options, names)):
             hyps[r.image] = r.caption if meta.get("language", "en") == "en" else " ".join(r.tokens)
+            if images[i].get("objects"):
+                boxed.append((r, images[i]))
     decode_seconds = time.time() - t0
+    rows = [i for i in rows if images[i]["id"] in hyps]  # without images that could not be read
     if meta.get("language", "en") == "en":
         refs = {images[i]["id"]: images[i]["captions"] for i in rows}
         scores = score_captions(refs, hyps, tokenize=True)
@@ -55,10 +53,36 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
         scores = score_captions(refs, hyps, tokenize=False)
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{split}-beam{options.beam_size}"
+    stem = f"{split}-beam{options.beam_size}" + (f"-lp{options.length_penalty:g}" if options.length_penalty else "")
     write_coco_results(out / f"{stem}.results.json", hyps)
     report = {"scores": scores, "split": split, "images": len(rows), "data_dir": str(data_dir),
               "checkpoint": captioner.meta.get("path"), "decoding": asdict(options),
               "decode_seconds": round(decode_seconds, 2)}
+    if boxed:  # synthetic scenes: how much of each shape word's attention falls inside its object's box
+        report["grounding"] = mean_grounding([r for r, _ in boxed], [rec for _, rec in boxed], meta["image_root"])
     write_json_atomic(out / f"{stem}.scores.json", report)
     return report
+
+
+def _annotations(captioner: Captioner, data_dir: Path, images: list[dict], split: str, limit: int,
+                 batch_size: int) -> tuple[list[int], Iterator[tuple[list[int], torch.Tensor]]]:
+    """The dataset rows of `split` and their annotations (rows, (len(rows), P, D)) in batches: from the
+    feature store, or for a fine-tuned encoder (finetune.py), whose features no store holds, from the images."""
+    spec = captioner.encoder_spec
+    if captioner.encoder_weights is None:
+        store = FeatureStore.open(data_dir, encoder=spec.name, image_size=spec.image_size)
+        if store.spec.weights != spec.weights:
+            raise ValueError(f"{store.path}: features were made with weights {store.spec.weights}, the model with {spec.weights}")
+        ok = store.ok
+    else:
+        ok = np.ones(len(images), dtype=bool)  # unreadable images are left out as they come
+    rows = [i for i, im in enumerate(images) if im.get("split") == split and ok[i]]
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise ValueError(f"{data_dir}: no images with features in split {split!r}")
+    chunks = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    if captioner.encoder_weights is None:
+        return rows, ((chunk, store.get(np.array(chunk))) for chunk in chunks)
+    from .finetune import encoded_batches
+
+    return rows, encoded_batches(captioner.encoder, data_dir, chunks)

@@ -30,8 +30,8 @@ PRESETS: dict[str, Preset] = {
         features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 224",
         model={"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512, "dropout": 0.5},
         train={"epochs": 7, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "patience": 3},
-        scst={"epochs": 4, "batch_size": 50, "lr": 2e-4, "lr_schedule": "constant", "warmup_steps": 0,
-              "scst_samples": 5, "scst_baseline": "greedy", "scst_max_length": 20, "patience": 2},
+        scst={"epochs": 3, "batch_size": 50, "lr": 1e-4, "lr_schedule": "constant", "warmup_steps": 0,
+              "scst_samples": 5, "scst_baseline": "mean", "scst_max_length": 20, "patience": 2},
     ),
 }
 

@@ -9,6 +9,9 @@ baseline) or the mean reward of the image's other samples. The loss is REINFORCE
 CIDEr-D is computed here on word ids, in Python, with document frequencies from the training references
 (fixed for the whole run), so a reward costs no Java and no re-tokenising. It follows pycocoevalcap's
 `CiderScorer` exactly (n = 1..4, sigma = 6, clipped tf-idf vectors, length penalty, x10), which a test checks.
+The reward counts `<end>` as a word of both the references and the captions that finished, as the widely
+used self-critical implementations do: otherwise a caption that stops mid-phrase ("a dog in the") loses
+nothing for it, and SCST learns such endings.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import numpy as np
 import torch
 
 from .decoding import greedy_search
-from .text import END, PAD, START
+from .text import END, PAD, START, UNK
+
+NO_MATCH = -1  # stands for a reference's <unk> in rewards
 
 Ngrams = list[dict[tuple[int, ...], float]]  # one {ngram: tf-idf} per n
 
@@ -85,18 +90,29 @@ class CiderD:
         return np.array([self.score(h, i) for h, i in zip(hypotheses, images)], dtype=np.float64)
 
 
-def words_of(tokens: torch.Tensor) -> list[list[int]]:
-    """(R, T) sampled ids -> each row's words before its first <end>."""
+def words_of(tokens: torch.Tensor | Sequence[Sequence[int]], keep_end: bool = False) -> list[list[int]]:
+    """(R, T) ids -> each row's words up to its first <end> (that <end> included when keep_end)."""
     out = []
-    for row in tokens.tolist():
+    for row in tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens:
         words = []
         for t in row:
             if t == END:
+                if keep_end:
+                    words.append(END)
                 break
             if t not in (PAD, START):
                 words.append(t)
         out.append(words)
     return out
+
+
+def reward_references(captions: Sequence[Sequence[Sequence[int]]]) -> CiderD:
+    """The CIDEr-D scorer of SCST rewards: each image's reference word ids, each ending with <end>.
+
+    A reference's <unk> becomes an id no caption contains: it still counts in the reference's length and
+    n-grams, but a sampled <unk> earns nothing (the evaluation compares real words, where <unk> never matches).
+    """
+    return CiderD([[[*(NO_MATCH if t == UNK else t for t in c), END] for c in refs] for refs in captions])
 
 
 def sample_captions(model, features: torch.Tensor, samples: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +151,8 @@ def scst_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The self-critical loss of one batch of images (features (I, P, D), images: their reference indices).
 
+    cider: built by `reward_references` (captions are scored with their <end>).
+
     baseline: "greedy" (reward of the greedy caption) or "mean" (mean reward of the image's other samples;
     needs samples >= 2). Captions are sampled without dropout: with dropout 0.5 before the output layer,
     samples score far below the greedy caption (CIDEr-D 0.2 against 0.5 on Flickr8k) and nearly every
@@ -152,12 +170,12 @@ def scst_loss(
     model.eval()  # the policy is the network without dropout: samples and greedy captions alike
     if baseline == "greedy":
         greedy = greedy_search(model, features, max_length)
-        base_per_image = cider.scores([[t for t in h.tokens if t != END] for h in greedy], images)  # (I,)
+        base_per_image = cider.scores(words_of([h.tokens for h in greedy], keep_end=True), images)  # (I,)
         base = np.repeat(base_per_image, samples)
         parts["greedy_reward"] = float(base_per_image.mean())
     tokens, log_probs = sample_captions(model, features, samples, max_length)
     model.train(was_training)
-    reward = cider.scores(words_of(tokens), row_images)  # (R,)
+    reward = cider.scores(words_of(tokens, keep_end=True), row_images)  # (R,)
     if baseline == "mean":
         per_image = reward.reshape(I, samples)
         base = ((per_image.sum(1, keepdims=True) - per_image) / (samples - 1)).reshape(-1)

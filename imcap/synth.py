@@ -392,3 +392,26 @@ def grounding_score(tokens: list[str], alphas: np.ndarray, objects: list[dict], 
         per_word.append({"index": t, "word": word, "share": share, "chance": float(chance)})
     mean = lambda key: float(np.mean([p[key] for p in per_word])) if per_word else None  # noqa: E731
     return {"score": mean("share"), "chance": mean("chance"), "words": len(per_word), "per_word": per_word}
+
+
+def mean_grounding(results, records: list[dict], image_root: str | Path) -> dict | None:
+    """grounding_score over a split: results[i] (a Caption with tokens and alphas) describes records[i].
+
+    Scenes without boxes are skipped; None when no scene has any. Box coordinates are in the pixels of the
+    image file, whose size is read from its header.
+    """
+    shares, chances, words, scored = [], [], 0, 0
+    for r, rec in zip(results, records):
+        if not rec.get("objects"):
+            continue
+        with Image.open(Path(image_root) / rec["file"]) as im:
+            size = im.size
+        g = grounding_score(r.tokens, r.alphas[: len(r.tokens)], rec["objects"], size)
+        if g["score"] is not None:
+            shares.append(g["score"])
+            chances.append(g["chance"])
+            words += g["words"]
+            scored += 1
+    if not scored:
+        return None
+    return {"score": float(np.mean(shares)), "chance": float(np.mean(chances)), "images": scored, "words": words}

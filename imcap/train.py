@@ -4,6 +4,9 @@ real decoding each epoch, early stopping and best-checkpoint selection on CIDEr,
 Exact resume: the epoch's batch order comes from a generator seeded by (seed, epoch), the LR is a
 function of the global step, and checkpoints hold the optimizer state and the torch RNG (dropout), so
 stopping after any checkpoint and re-running gives the same weights as never stopping (CPU).
+
+End to end (TrainConfig.finetune_blocks > 0): annotations come from finetune.EncoderTuner, which encodes the
+images with the top encoder blocks in training, instead of from the store; everything else is the same.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,11 +27,12 @@ from . import checkpoint as ckpt
 from .datasets import load_dataset, load_vocab
 from .decoding import DecodingOptions, decode
 from .distributed import Distributed
+from .encoders import ImageEncoder
 from .features import FeatureStore
 from .fileio import write_jsonl_atomic
 from .metrics import validation_scores
 from .model import ModelConfig, ShowAttendTell, caption_loss
-from .scst import CiderD, scst_loss
+from .scst import reward_references, scst_loss
 from .text import END, START, Vocabulary
 
 
@@ -58,6 +63,8 @@ class TrainConfig:
     hard_reinforce_weight: float = 1.0  # hard attention: weight of the REINFORCE term (lambda_r)
     hard_entropy_weight: float = 0.01  # hard attention: weight of the attention entropy bonus (lambda_e)
     hard_baseline_decay: float = 0.9  # hard attention: moving average of the reward baseline
+    finetune_blocks: int = 0  # end-to-end (finetune.py): also train the encoder's last N blocks + head on images
+    encoder_lr: float = 1e-4  # peak LR of those encoder blocks (the same schedule as lr, scaled)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,10 +125,15 @@ class CaptionPairs:
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """features (I, P, D) of the batch's distinct images, captions (B, L), lengths (B,), image index (B,)."""
+        rows, captions, lengths, image_index = self.batch_rows(idx)
+        return self.store.get(rows.numpy()), captions, lengths, image_index
+
+    def batch_rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like batch, with the feature rows (I,) of the distinct images in place of their features."""
         lengths = self.lengths[idx]
         captions = self.captions[idx, : int(lengths.max())]  # (B, L) trimmed to the longest
         rows, image_index = torch.unique(self.rows[idx], return_inverse=True)
-        return self.store.get(rows.numpy()), captions, lengths, image_index
+        return rows, captions, lengths, image_index
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -137,9 +149,12 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
 def validate(
     model: ShowAttendTell, images: list[dict], store: FeatureStore, vocab: Vocabulary, options: DecodingOptions,
     limit: int = 0, batch_size: int = 100, dist: Distributed = Distributed(),
+    features: Callable[[np.ndarray], torch.Tensor] | None = None,
 ) -> tuple[dict, dict[str, list[str]]]:
     """Decode the validation images for real (no teacher forcing); BLEU-1..4 and CIDEr on tokens.
-    Distributed: each process decodes its share and every process scores all of them."""
+    Distributed: each process decodes its share and every process scores all of them.
+    features: rows -> annotations (default store.get; a fine-tuned encoder encodes the images instead)."""
+    features = features or store.get
     rows = [i for i, im in enumerate(images) if im.get("split") == "val" and store.ok[i]]
     rows = rows[:limit] if limit else rows
     if not rows:
@@ -150,7 +165,9 @@ def validate(
     shard = dist.shard(rows)
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
-        for i, best in zip(chunk, decode(model, store.get(np.array(chunk)), options)):
+        with torch.no_grad():
+            a = features(np.array(chunk))  # (len(chunk), P, D)
+        for i, best in zip(chunk, decode(model, a, options)):
             mine[images[i]["id"]] = vocab.decode(best[0].tokens)
     model.train(was_training)
     hyps = {k: v for part in dist.gather(mine) for k, v in part.items()}
@@ -162,7 +179,8 @@ class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
     def __init__(self, data_dir: str | os.PathLike, out_dir: str | os.PathLike, model_config: dict | None = None,
-                 train_config: TrainConfig | None = None, features: str | None = None, log=print):
+                 train_config: TrainConfig | None = None, features: str | None = None, log=print,
+                 encoder: ImageEncoder | None = None):
         self.dist = Distributed.from_env()
         self.data_dir, self.out_dir = Path(data_dir).resolve(), Path(out_dir)
         self.log = log if self.dist.main else (lambda *a, **k: None)
@@ -174,8 +192,8 @@ class Trainer:
             _check_resumable(self.out_dir / "checkpoint", saved[0])
             self._check_same_data(saved[0])
             features = saved[0]["data"]["features"]
-        encoder, size = _split_store_name(features)
-        self.store = FeatureStore.open(self.data_dir, encoder=encoder, image_size=size)
+        store_encoder, size = _split_store_name(features)
+        self.store = FeatureStore.open(self.data_dir, encoder=store_encoder, image_size=size)
         if saved:
             meta = saved[0]
             self.cfg = TrainConfig.from_dict(meta["train_config"])
@@ -188,10 +206,19 @@ class Trainer:
             self.model_config = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.store.spec.feature_dim, **overrides)
         if self.cfg.objective not in ("xe", "scst"):
             raise ValueError(f"objective must be 'xe' or 'scst', not {self.cfg.objective!r}")
+        self.init_encoder_weights: dict[str, torch.Tensor] | None = None  # set by _initial_weights
         init = self._initial_weights() if not saved and self.cfg.init_from else None
         torch.manual_seed(self.cfg.seed)
         self.model = ShowAttendTell(self.model_config)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.tuner = None  # finetune.EncoderTuner when the encoder's top blocks train too
+        if self.cfg.finetune_blocks:
+            from .finetune import EncoderTuner
+
+            weights = (ckpt.load_encoder_weights(self.out_dir / "checkpoint", saved[0]) if saved
+                       else self.init_encoder_weights)
+            self.tuner = EncoderTuner(self.data_dir, self.store.spec, self.cfg, self.dist, encoder, weights)
+        groups = [{"params": list(self.model.parameters())}, *(self.tuner.param_groups() if self.tuner else [])]
+        self.optimizer = torch.optim.Adam(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.net = self.model  # what training calls: the model, or its DistributedDataParallel wrapper
         if self.dist.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model)
@@ -200,8 +227,8 @@ class Trainer:
         if len(self.train_pairs) == 0:
             raise ValueError(f"{self.data_dir}: no training captions with features (is there a train split?)")
         self.train_images = _train_images(self.images, self.store)  # SCST works on images, not captions
-        self.cider = CiderD([[self.vocab.encode(t[:max_len]) for t in self.images[i]["tokens"] if t]
-                             for i in self.train_images.tolist()]) if self.cfg.objective == "scst" else None
+        self.cider = reward_references([[self.vocab.encode(t[:max_len]) for t in self.images[i]["tokens"] if t]
+                                        for i in self.train_images.tolist()]) if self.cfg.objective == "scst" else None
         self.progress = Progress()
         if init is not None:
             self.model.load_state_dict(init)
@@ -218,7 +245,12 @@ class Trainer:
 
     def _initial_weights(self) -> dict[str, torch.Tensor]:
         """Weights of cfg.init_from; its model configuration replaces the one given, its vocabulary must match."""
-        meta, state = ckpt.load_checkpoint(ckpt.find_checkpoint(self.cfg.init_from))
+        path = ckpt.find_checkpoint(self.cfg.init_from)
+        meta, state = ckpt.load_checkpoint(path)
+        self.init_encoder_weights = ckpt.load_encoder_weights(path, meta)
+        if self.init_encoder_weights is not None and not self.cfg.finetune_blocks:
+            raise ValueError(f"{self.cfg.init_from}: its encoder was fine-tuned, its decoder does not fit the cached "
+                             f"features; go on with --finetune-blocks")
         if meta["vocab"]["tokens"] != self.vocab.tokens:
             raise ValueError(f"{self.cfg.init_from}: its vocabulary differs from {self.data_dir}/vocab.json")
         if meta["encoder"] != self.store.spec.to_dict():
@@ -251,7 +283,15 @@ class Trainer:
         """Rank 0 writes; the others have the same weights."""
         if not self.dist.main:
             return
-        ckpt.save_checkpoint(self.out_dir / name, self.model, self.checkpoint_meta(metrics), self.optimizer if name == "checkpoint" else None)
+        ckpt.save_checkpoint(self.out_dir / name, self.model, self.checkpoint_meta(metrics),
+                             self.optimizer if name == "checkpoint" else None,
+                             encoder_weights=self.tuner.state() if self.tuner else None)
+
+    def features(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Annotations (I, P, D) of feature rows: cached, or encoded from the images by the fine-tuned encoder
+        (differentiable through its top blocks when grad is enabled)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.tuner.features(rows) if self.tuner else self.store.get(rows)
 
     def train(self, progress_bar: bool = True, stop_after_steps: int | None = None) -> dict:
         """Run until cfg.epochs, early stopping, or stop_after_steps global steps (then checkpoint and return)."""
@@ -280,7 +320,7 @@ class Trainer:
             for idx in batches[p.step_in_epoch :]:
                 lr = learning_rate(cfg, p.global_step, total_steps)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # the encoder's group is scaled (finetune.py)
                 loss, parts = self._step(idx)
                 p.step_in_epoch += 1
                 p.global_step += 1
@@ -323,14 +363,15 @@ class Trainer:
         if self.cfg.objective == "scst":
             rows = self.dist.shard(idx)
             cfg = self.cfg
-            loss, parts = scst_loss(self.model, self.store.get(rows.numpy()), self._cider_index(rows), self.cider,
+            loss, parts = scst_loss(self.model, self.features(rows), self._cider_index(rows), self.cider,
                                     samples=cfg.scst_samples, max_length=cfg.scst_max_length,
                                     baseline=cfg.scst_baseline, total_rows=len(idx) * cfg.scst_samples)
             parts = {k: v * len(rows) / len(idx) for k, v in parts.items()}  # shard means -> batch mean when summed
         else:
             lengths_all = self.train_pairs.lengths[idx]
             totals = (float((lengths_all - 1).sum()), float(len(idx)))  # words and captions of the whole batch
-            features, captions, lengths, image_index = self.train_pairs.batch(self.dist.shard(idx))
+            rows, captions, lengths, image_index = self.train_pairs.batch_rows(self.dist.shard(idx))
+            features = self.features(rows)  # (I, P, D)
             hard = self.model_config.attention == "hard"
             out = self.net(features, captions, lengths, image_index, return_samples=hard)
             logits, alphas = out[:2]  # (B, T, V), (B, T, P)
@@ -346,7 +387,8 @@ class Trainer:
         else:
             (loss * self.dist.world).backward()  # DDP averages gradients over processes: undo it, shards add up
         if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]  # decoder (+ encoder blocks)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         parts = {k: self.dist.sum(v) for k, v in parts.items()}
         if "reward" in parts:  # hard attention: move the baseline towards this batch's mean reward
@@ -364,7 +406,7 @@ class Trainer:
         p = self.progress
         t0 = time.time()
         scores, hyps = validate(self.model, self.images, self.store, self.vocab, options, self.cfg.val_images,
-                                dist=self.dist)
+                                dist=self.dist, features=self.features)
         p.epoch += 1
         p.step_in_epoch, p.epoch_loss_sum, p.epoch_part_sums, p.epoch_seen, p.epoch_seconds = 0, 0.0, {}, 0, 0.0
         record = {"epoch": p.epoch, "step": p.global_step, "train_loss": loss, "train_parts": parts,
@@ -402,9 +444,10 @@ class Trainer:
 
 def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_config: dict | None = None,
           train_config: TrainConfig | None = None, features: str | None = None, progress: bool = True,
-          stop_after_steps: int | None = None, log=print) -> dict:
-    """Train (or resume, when out_dir holds a checkpoint) a captioner on DATA_DIR's cached features."""
-    trainer = Trainer(data_dir, out_dir, model_config, train_config, features, log)
+          stop_after_steps: int | None = None, log=print, encoder: ImageEncoder | None = None) -> dict:
+    """Train (or resume, when out_dir holds a checkpoint) a captioner on DATA_DIR's cached features, or with
+    train_config.finetune_blocks > 0 end to end on its images (encoder: the base CNN of a random-weight store)."""
+    trainer = Trainer(data_dir, out_dir, model_config, train_config, features, log, encoder)
     return trainer.train(progress_bar=progress, stop_after_steps=stop_after_steps)
 
 

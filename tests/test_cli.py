@@ -31,6 +31,15 @@ def test_evaluate_json_has_the_seven_metrics(run_dir, capsys):
     assert (run_dir / "run/eval/test-beam3.results.json").exists()
 
 
+def test_evaluate_reports_attention_grounding_on_scenes_with_boxes(run_dir, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir / "run"), "--split", "test", "--beam", "1"]) == 0
+    assert "grounding" in capsys.readouterr().out
+    g = json.loads((run_dir / "run/eval/test-beam1.scores.json").read_text())["grounding"]
+    assert g["images"] > 0 and g["words"] >= g["images"]
+    assert 0 <= g["score"] <= 1 and 0 < g["chance"] < 1
+
+
 def test_caption_json_attention_and_a_bad_file(run_dir, capsys, tmp_path):
     scenes = json.loads((run_dir / "scenes/scenes.json").read_text())["images"]
     test = [im for im in scenes if im["split"] == "test"][:3]

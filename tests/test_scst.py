@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from imcap.cli import main
 from imcap.model import ModelConfig, ShowAttendTell
-from imcap.scst import CiderD, sample_captions, scst_loss, words_of
-from imcap.text import END, PAD, START
+from imcap.scst import CiderD, reward_references, sample_captions, scst_loss, words_of
+from imcap.text import END, PAD, START, UNK
 from imcap.train import TrainConfig, train
 
 MODEL = {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 16, "dropout": 0.0}
@@ -36,6 +36,22 @@ def test_cider_d_equals_pycocoevalcap():
 def test_words_of_stops_at_end():
     tokens = torch.tensor([[5, 6, END, PAD], [7, 8, 9, 10], [END, PAD, PAD, PAD]])
     assert words_of(tokens) == [[5, 6], [7, 8, 9, 10], []]
+    assert words_of(tokens, keep_end=True) == [[5, 6, END], [7, 8, 9, 10], [END]]
+
+
+def test_the_reward_punishes_a_caption_that_stops_mid_phrase():
+    # references "a dog runs" / "a dog runs fast": stopping after "a dog" shares unigrams and a bigram with
+    # them either way, but only with <end> counted does it lose the n-grams ending the references
+    cider = reward_references([[[4, 5, 6], [4, 5, 6, 7]], [[8, 9, 10]], [[11, 8, 12, 4]]])  # idf needs a corpus
+    whole, cut = cider.scores([[4, 5, 6, END], [4, 5, END]], [0, 0])
+    assert whole > cut
+    assert cider.score([4, 5, 6], 0) < whole  # not finishing costs too
+
+
+def test_a_sampled_unk_earns_no_reward_from_a_references_unk():
+    refs = [[[4, UNK, 6]], [[8, 9, 10]], [[11, 8, 12, 4]]]
+    cider = reward_references(refs)
+    assert cider.score([4, UNK, 6, END], 0) == cider.score([4, 7, 6, END], 0)  # <unk> matches like a wrong word
 
 
 def _model(vocab=12, seed=0):
@@ -66,12 +82,12 @@ def test_one_scst_step_raises_the_log_probability_of_better_than_baseline_sample
     model = _model()
     features = torch.rand(4, 4, 8)
     refs = [[[4, 5, 6, 7], [4, 5, 6]], [[8, 9, 10]], [[4, 9, 11, 5]], [[6, 6, 7]]]
-    cider = CiderD(refs)
+    cider = reward_references(refs)
     torch.manual_seed(1)
     loss, parts = scst_loss(model, features, [0, 1, 2, 3], cider, samples=6, max_length=5, baseline=baseline)
     torch.manual_seed(1)  # the same samples again, to read their log probabilities before and after
     tokens, before = sample_captions(model, features, 6, 5)
-    reward = cider.scores(words_of(tokens), [i for i in range(4) for _ in range(6)])
+    reward = cider.scores(words_of(tokens, keep_end=True), [i for i in range(4) for _ in range(6)])
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():
@@ -81,7 +97,7 @@ def test_one_scst_step_raises_the_log_probability_of_better_than_baseline_sample
         base = reward.reshape(4, 6)
         base = ((base.sum(1, keepdims=True) - base) / 5).reshape(-1)
     else:
-        base = np.repeat(cider.scores([[t for t in h if t != END] for h in _greedy(model, features)], range(4)), 6)
+        base = np.repeat(cider.scores(words_of(_greedy(model, features), keep_end=True), range(4)), 6)
     advantage = torch.as_tensor(reward - base, dtype=torch.float32)
     change = after - before.sum(1).detach()
     assert float((advantage * change).sum()) > 0  # better-than-baseline captions became more likely
