@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scst-samples", type=int, help="SCST: captions sampled per image (default 5)")
     s.add_argument("--scst-baseline", choices=["greedy", "mean"], help="SCST reward baseline (default greedy)")
     s.add_argument("--scst-max-length", type=int, help="SCST: words per sampled caption (default 20)")
-    s.add_argument("--preset", help="a named recipe (imcap/presets.py: flickr8k): cross-entropy in RUN_DIR/xe, then "
-                   "SCST in RUN_DIR; flags given override its values")
+    s.add_argument("--preset", help="a named recipe (imcap/presets.py): flickr8k, or flickr8k-scst (cross-entropy in "
+                   "RUN_DIR/xe, then SCST in RUN_DIR); flags given override its values")
     s.add_argument("--scst-epochs", type=int, help="with --preset: epochs of the SCST stage (0: skip it)")
     s.add_argument("--finetune-blocks", type=int, metavar="N", help="end to end: also train the encoder's last N "
                    "blocks + head conv on the images (needs --init-from; docs/finetune.md)")

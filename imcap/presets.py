@@ -23,13 +23,21 @@ class Preset:
     scst: dict = field(default_factory=dict)  # TrainConfig fields of the SCST stage ({}: no SCST stage)
 
 
+_F8K_FEATURES = dict(features="efficientnet-lite2-224",
+                    features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 224")
+_F8K_MODEL = {"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512, "dropout": 0.5}
+_F8K_XE = {"epochs": 7, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "patience": 3}
+
 PRESETS: dict[str, Preset] = {
+    # the best measured on Flickr8k dev (docs/results.md): score it with --beam 5 --length-penalty 1
     "flickr8k": Preset(
-        description="Flickr8k (or a set of that size): EfficientNet-Lite2 7x7 grid, cross-entropy then SCST",
-        features="efficientnet-lite2-224",
-        features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 224",
-        model={"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512, "dropout": 0.5},
-        train={"epochs": 7, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "patience": 3},
+        description="Flickr8k (or a set of that size): EfficientNet-Lite2 7x7 grid, cross-entropy, 7 epochs",
+        **_F8K_FEATURES, model=_F8K_MODEL, train=_F8K_XE,
+    ),
+    # the same, then self-critical fine-tuning: better greedy captions, worse beam-search ones here
+    "flickr8k-scst": Preset(
+        description="flickr8k, then 3 epochs of SCST (CIDEr-D reward, mean-of-samples baseline)",
+        **_F8K_FEATURES, model=_F8K_MODEL, train=_F8K_XE,
         scst={"epochs": 3, "batch_size": 50, "lr": 1e-4, "lr_schedule": "constant", "warmup_steps": 0,
               "scst_samples": 5, "scst_baseline": "mean", "scst_max_length": 20, "patience": 2},
     ),

@@ -30,7 +30,23 @@ _BACKGROUND = (255, 255, 255)
 _SPECIAL = {"<start>", "<end>", "<pad>"}
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+# Fonts with the accents of Vietnamese and most Latin/Greek/Cyrillic scripts, then CJK ones (Chinese captions),
+# looked up by file name in the system's font folders; IMCAP_FONT (a .ttf/.ttc path) comes first when set.
+# Pillow's own default font has ASCII only: Vietnamese or Chinese words would be drawn as empty boxes.
+_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arialuni.ttf", "Arial.ttf", "arial.ttf")
+_CJK_FONTS = ("NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf", "wqy-microhei.ttc", "wqy-zenhei.ttc",
+              "msyh.ttc", "simhei.ttf", "PingFang.ttc")
+
+
+def _font(size: int, text: str = "") -> ImageFont.ImageFont:
+    """A scalable font that can draw `text` (CJK fonts first when it holds CJK characters)."""
+    cjk = any("\u2e80" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" for ch in text)
+    names = (_CJK_FONTS + _FONTS) if cjk else (_FONTS + _CJK_FONTS)
+    for name in filter(None, (os.environ.get("IMCAP_FONT"), *names)):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
     try:
         return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1 with FreeType
     except (TypeError, OSError, AttributeError):
@@ -150,7 +166,7 @@ def attention_figure(
     n_tiles, gap = 1 + len(tokens), TILE_GAP
     cols = max(1, min(columns, n_tiles))
     rows = -(-n_tiles // cols)
-    word_font, caption_font = _font(max(10, tile // 9)), _font(max(12, tile // 8))
+    word_font, caption_font = _font(max(10, tile // 9), caption), _font(max(12, tile // 8), caption)
     width = cols * (tile + gap) + gap
     lines = _wrap(caption, caption_font, width - 2 * gap)
     line_h = caption_font.size + 4 if hasattr(caption_font, "size") else 14

@@ -151,7 +151,7 @@ def test_cli_init_from_a_folder_without_checkpoint_is_a_one_line_error(tiny_data
 
 def test_preset_runs_cross_entropy_then_scst_and_resumes(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["train", str(tiny_data), "--out", str(run), "--preset", "flickr8k", "--features", "efficientnet-lite0-64",
+    argv = ["train", str(tiny_data), "--out", str(run), "--preset", "flickr8k-scst", "--features", "efficientnet-lite0-64",
             "--epochs", "1", "--scst-epochs", "1", "--embed-dim", "16", "--hidden-dim", "24", "--attention-dim", "16",
             "--quiet"]
     assert main(argv) == 0
@@ -165,6 +165,15 @@ def test_preset_runs_cross_entropy_then_scst_and_resumes(tiny_data, tmp_path, ca
     before = (run / "checkpoint/model.safetensors").read_bytes()
     assert main(argv) == 0  # both stages finished: a re-run changes nothing
     assert (run / "checkpoint/model.safetensors").read_bytes() == before
+
+
+def test_the_flickr8k_preset_is_one_cross_entropy_stage_in_run_dir(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_data), "--out", str(run), "--preset", "flickr8k", "--features", "efficientnet-lite0-64",
+                 "--epochs", "1", "--embed-dim", "16", "--hidden-dim", "24", "--attention-dim", "16", "--quiet"]) == 0
+    meta = json.loads((run / "best/checkpoint.json").read_text())
+    assert meta["train_config"]["objective"] == "xe" and meta["train_config"]["lr"] == 1e-3
+    assert not (run / "xe").exists() and "stage" not in capsys.readouterr().out
 
 
 def test_preset_without_its_feature_store_says_how_to_make_it(tiny_data, tmp_path, capsys):

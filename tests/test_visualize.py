@@ -110,3 +110,19 @@ def test_draw_boxes_outlines_the_box():
     out = draw_boxes(img, [{"shape": "circle", "color": "red", "size": "large", "box": [20, 30, 60, 80]}])
     assert out.size == img.size and img.getpixel((20, 55)) == (255, 255, 255)
     assert out.getpixel((20, 55)) == (0, 0, 0) and out.getpixel((40, 55)) == (255, 255, 255)
+
+
+def test_attention_figure_font_draws_vietnamese_accents():
+    from imcap.visualize import _font
+
+    def pixels(text):
+        from PIL import Image, ImageDraw
+
+        im = Image.new("L", (40, 40))
+        ImageDraw.Draw(im).text((5, 5), text, fill=255, font=font)
+        return im.tobytes()
+
+    font = _font(16, "một người đàn ông")
+    assert any(pixels("ộ"))
+    assert pixels("ộ") != pixels("\U000f0000")  # not the font's box for a missing glyph
+    assert pixels("ộ") != pixels("o")  # the accents are drawn
