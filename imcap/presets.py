@@ -29,7 +29,7 @@ _F8K_MODEL = {"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512, "dropou
 _F8K_XE = {"epochs": 7, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "patience": 3}
 
 PRESETS: dict[str, Preset] = {
-    # the best measured on Flickr8k dev (docs/results.md): score it with --beam 5 --length-penalty 1
+    # the best measured on Flickr8k dev (docs/results.md): score it with --beam 7 --length-penalty 1
     "flickr8k": Preset(
         description="Flickr8k (or a set of that size): EfficientNet-Lite2 7x7 grid, cross-entropy, 7 epochs",
         **_F8K_FEATURES, model=_F8K_MODEL, train=_F8K_XE,
