@@ -40,6 +40,14 @@ def test_evaluate_reports_attention_grounding_on_scenes_with_boxes(run_dir, caps
     assert 0 <= g["score"] <= 1 and 0 < g["chance"] < 1
 
 
+def test_evaluate_with_a_length_penalty_keeps_its_own_files(run_dir):
+    assert main(["evaluate", str(run_dir / "run"), "--split", "test", "--beam", "2", "--length-penalty", "1", "--quiet"]) == 0
+    assert main(["evaluate", str(run_dir / "run"), "--split", "test", "--beam", "2", "--quiet"]) == 0
+    with_penalty = json.loads((run_dir / "run/eval/test-beam2-lp1.scores.json").read_text())
+    without = json.loads((run_dir / "run/eval/test-beam2.scores.json").read_text())
+    assert with_penalty["decoding"]["length_penalty"] == 1 and without["decoding"]["length_penalty"] == 0
+
+
 def test_caption_json_attention_and_a_bad_file(run_dir, capsys, tmp_path):
     scenes = json.loads((run_dir / "scenes/scenes.json").read_text())["images"]
     test = [im for im in scenes if im["split"] == "test"][:3]

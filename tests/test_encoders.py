@@ -119,3 +119,16 @@ def test_trainable_top_blocks():
     assert enc.trainable_top_blocks(0) == [] and not any(p.requires_grad for p in enc.parameters())
     with pytest.raises(ValueError, match="16 MBConv blocks"):
         enc.trainable_top_blocks(17)
+
+
+def test_forward_equals_the_librarys_extract_features():
+    import torch
+
+    from imcap.encoders import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("efficientnet-lite0", 64, pretrained=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = enc.net.extract_features(x.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(enc(x), expected, rtol=0, atol=0)
