@@ -452,11 +452,12 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_conf
 
 
 def _check_resumable(path: Path, meta: dict) -> None:
-    """What resuming reads from checkpoint.json beyond what every checkpoint has; CheckpointError if absent."""
+    """What resuming reads from checkpoint.json beyond what every checkpoint has; CheckpointError if absent.
+    (load_checkpoint has already checked the types of these sections when present.)"""
     for key in ("data", "train_config", "progress"):
-        if not isinstance(meta.get(key), dict):
-            raise ckpt.CheckpointError(f"{path}/checkpoint.json: cannot resume, '{key}' is missing or not an object")
-    if not isinstance(meta["data"].get("features"), str):
+        if key not in meta:
+            raise ckpt.CheckpointError(f"{path}/checkpoint.json: cannot resume, '{key}' is missing")
+    if "features" not in meta["data"]:
         raise ckpt.CheckpointError(f"{path}/checkpoint.json: cannot resume, data.features is missing")
     unknown = set(meta["progress"]) - set(Progress.__dataclass_fields__)
     if unknown:
