@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import checkpoint as ckpt
 from .decoding import DecodingOptions, Hypothesis, decode
+from .ensemble import Ensemble
 from .encoders import EncoderSpec, ImageEncoder, build_encoder
 from .images import ImageError, load_image, to_rgb
 from .model import ModelConfig, ShowAttendTell
@@ -61,7 +62,7 @@ class Captioner:
     the encoder on top of its base weights; None when the encoder was frozen.
     """
 
-    def __init__(self, model: ShowAttendTell, vocab: Vocabulary, encoder_spec: EncoderSpec, meta: dict | None = None,
+    def __init__(self, model: ShowAttendTell | Ensemble, vocab: Vocabulary, encoder_spec: EncoderSpec, meta: dict | None = None,
                  encoder: ImageEncoder | None = None, encoder_weights: dict[str, torch.Tensor] | None = None):
         self.model = model.eval()
         self.vocab = vocab
@@ -96,6 +97,31 @@ class Captioner:
             return cls(model, vocab, spec, meta, encoder, encoder_weights)
         except ValueError as e:  # encoder weights that do not fit the given encoder
             raise ckpt.CheckpointError(f"{path}: {e}") from None
+
+    @classmethod
+    def load_ensemble(cls, run_dirs: Sequence[str | os.PathLike], which: str = "best") -> "Captioner":
+        """Several runs decoding as one (ensemble.py): the average of their word probabilities at each step.
+
+        The runs must share the vocabulary and the feature grid (encoder, image size, weights); fine-tuned
+        encoders (each run its own CNN) are not supported."""
+        if len(run_dirs) == 1:
+            return cls.load(run_dirs[0], which)
+        parts = [cls.load(r, which) for r in run_dirs]
+        first = parts[0]
+        for p in parts[1:]:
+            where = f"{p.meta['path']} and {first.meta['path']}"
+            if p.vocab != first.vocab:
+                raise ckpt.CheckpointError(f"{where}: cannot ensemble runs with different vocabularies")
+            if p.encoder_spec != first.encoder_spec:
+                raise ckpt.CheckpointError(f"{where}: cannot ensemble runs on different features "
+                                           f"({p.encoder_spec.name}-{p.encoder_spec.image_size} vs "
+                                           f"{first.encoder_spec.name}-{first.encoder_spec.image_size})")
+        if any(p.encoder_weights is not None for p in parts):
+            raise ckpt.CheckpointError(f"{', '.join(p.meta['path'] for p in parts)}: cannot ensemble runs with "
+                                       "fine-tuned encoders")
+        meta = {**first.meta, "path": " + ".join(p.meta["path"] for p in parts),
+                "ensemble": [p.meta["path"] for p in parts]}
+        return cls(Ensemble([p.model for p in parts]), first.vocab, first.encoder_spec, meta)
 
     @property
     def encoder(self) -> ImageEncoder:

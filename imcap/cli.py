@@ -114,10 +114,12 @@ def _decoding(a):
 
 
 def cmd_evaluate(a) -> int:
+    from .api import Captioner
     from .evaluate import evaluate
 
     _threads(a.threads)
-    report = evaluate(a.run_dir, a.data, split=a.split, options=_decoding(a), limit=a.limit)
+    captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble])
+    report = evaluate(a.run_dir, a.data, split=a.split, options=_decoding(a), limit=a.limit, captioner=captioner)
     if a.json:
         print(json.dumps(report["scores"]))
     else:
@@ -135,7 +137,7 @@ def cmd_caption(a) -> int:
     from .api import Captioner
 
     _threads(a.threads)
-    captioner = Captioner.load(a.run_dir)
+    captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble])
     options = _decoding(a)
     failed = 0
     if a.attention:
@@ -305,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-length", type=int, default=30, help="maximum words per caption")
         s.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty exponent (0: none)")
         s.add_argument("--json", action="store_true", help="machine-readable output")
+        s.add_argument("--ensemble", nargs="+", default=[], metavar="RUN_DIR",
+                       help="decode with these runs too, averaging the models' word probabilities (same "
+                            "vocabulary and features)")
         if name == "evaluate":
             s.add_argument("--data", help="DATA_DIR (default: the one the run was trained on)")
             s.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")

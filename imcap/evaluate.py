@@ -29,7 +29,8 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
              captioner: Captioner | None = None) -> dict:
     """Scores (BLEU-1..4, METEOR, ROUGE_L, CIDEr) of RUN_DIR's best checkpoint on DATA_DIR's `split`.
 
-    Writes RUN_DIR/eval/<split>-beam<K>[-lp<X>].results.json (COCO results format) and .scores.json beside it.
+    Writes RUN_DIR/eval/<split>-beam<K>[-lp<X>][-ensemble-<runs>].results.json (COCO results format) and
+    .scores.json beside it; an ensemble captioner (Captioner.load_ensemble) scores in its first run's folder.
     """
     captioner = captioner or Captioner.load(run_dir)
     data_dir = Path(data_dir or captioner.meta["data"]["data_dir"])
@@ -54,6 +55,8 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{split}-beam{options.beam_size}" + (f"-lp{options.length_penalty:g}" if options.length_penalty else "")
+    if "ensemble" in captioner.meta:  # named after the other members' run directories
+        stem += "-ensemble-" + "-".join(Path(p).parent.name for p in captioner.meta["ensemble"][1:])
     write_coco_results(out / f"{stem}.results.json", hyps)
     report = {"scores": scores, "split": split, "images": len(rows), "data_dir": str(data_dir),
               "checkpoint": captioner.meta.get("path"), "decoding": asdict(options),

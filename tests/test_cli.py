@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny synthetic set, with the real pretrained encoder."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -46,6 +47,37 @@ def test_evaluate_with_a_length_penalty_keeps_its_own_files(run_dir):
     with_penalty = json.loads((run_dir / "run/eval/test-beam2-lp1.scores.json").read_text())
     without = json.loads((run_dir / "run/eval/test-beam2.scores.json").read_text())
     assert with_penalty["decoding"]["length_penalty"] == 1 and without["decoding"]["length_penalty"] == 0
+
+
+def test_evaluate_and_caption_an_ensemble(run_dir, capsys, tmp_path):
+    second = run_dir / "second"
+    assert main(["train", str(run_dir / "data"), "--out", str(second), "--epochs", "2", "--batch-size", "24",
+                 "--embed-dim", "32", "--hidden-dim", "48", "--attention-dim", "32", "--rnn", "gru", "--seed", "5",
+                 "--patience", "0", "--quiet"]) == 0
+    assert main(["evaluate", str(run_dir / "run"), "--ensemble", str(second), "--split", "test", "--beam", "2"]) == 0
+    report = json.loads((run_dir / "run/eval/test-beam2-ensemble-second.scores.json").read_text())
+    assert report["checkpoint"] == f"{run_dir / 'run/best'} + {second / 'best'}"
+    # an ensemble of a model with itself is that model
+    assert main(["evaluate", str(run_dir / "run"), "--split", "test", "--beam", "2"]) == 0
+    assert main(["evaluate", str(run_dir / "run"), "--ensemble", str(run_dir / "run"), "--split", "test", "--beam", "2"]) == 0
+    alone = json.loads((run_dir / "run/eval/test-beam2.scores.json").read_text())["scores"]
+    itself = json.loads((run_dir / "run/eval/test-beam2-ensemble-run.scores.json").read_text())["scores"]
+    assert itself == pytest.approx(alone, abs=1e-3)
+    image = next((run_dir / "scenes/images").iterdir())
+    capsys.readouterr()
+    assert main(["caption", str(run_dir / "run"), str(image), "--ensemble", str(second), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["caption"]
+
+
+def test_an_ensemble_needs_the_same_features(run_dir, capsys, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(run_dir / "run", other)
+    meta = json.loads((other / "best/checkpoint.json").read_text())
+    meta["encoder"]["image_size"] = 256
+    (other / "best/checkpoint.json").write_text(json.dumps(meta))
+    assert main(["evaluate", str(run_dir / "run"), "--ensemble", str(other), "--split", "test"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot ensemble runs on different features" in err and len(err.strip().splitlines()) == 1
 
 
 def test_caption_json_attention_and_a_bad_file(run_dir, capsys, tmp_path):
