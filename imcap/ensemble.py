@@ -5,7 +5,7 @@
 
 The ensemble has the step contract of model.py (attend_memory / init_state / step), so the searches need no
 change. Its memory is one flat tuple of row-indexed tensors (the annotations and their mean, which all members
-share, then each member's projection W_a a), its state the members' states concatenated; the searches
+share, then each member's projection of them), its state the members' states concatenated; the searches
 reorder and compact both like a single model's. At each step the members' probabilities are
 averaged, log(mean_i p_i(w)), and so are their attention maps. The members must share the vocabulary and
 read the same annotation grid (the same encoder, image size and weights); Captioner.load_ensemble checks it.
@@ -37,7 +37,7 @@ class Ensemble(nn.Module):
 
     def attend_memory(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """features: (B, P, D) -> (features, mean (B, D), member 1's projection (B, P, A1), member 2's, ...)."""
-        return (features, features.mean(dim=1), *(m.attention.feature_proj(features) for m in self.members))
+        return (features, features.mean(dim=1), *(m.attention.project(features) for m in self.members))
 
     def init_state(self, memory: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(x for m, mem in zip(self.members, self._memories(memory)) for x in m.init_state(mem))

@@ -203,13 +203,13 @@ def test_batched_search_equals_plain_reference_on_a_model(beam):
     """As above on a real (random) model; its rows are not bitwise independent of the batch (matmuls block
     rows differently), hence the tolerance. Made like benchmarks/run.py's decoding_model, so that images end
     after 1 to 12 words or never."""
-    torch.manual_seed(1)
+    torch.manual_seed(20)
     config = ModelConfig(vocab_size=40, feature_dim=D, embed_dim=16, hidden_dim=24, attention_dim=9)
     model = ShowAttendTell(config).eval()
     with torch.no_grad():
         model.embedding.weight *= 10
         model.out.weight *= 5
-        model.out.bias[END] += 1.0
+        model.out.bias[END] += 1.5
     f, L = features(16, seed=11).clamp(min=0), 12
     want = reference_search(model, f, beam, L, 0.5)
     assert len({len(h.tokens) for image in want for h in image}) >= 3 and not all(image[0].finished for image in want)

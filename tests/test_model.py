@@ -125,3 +125,17 @@ def test_cell_equals_torch_cells_and_old_checkpoints_load(rnn):
     expected = cell(x, state) if rnn == "lstm" else (cell(x, state[0]),)
     for a, b in zip(new_state, expected):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_attention_is_the_papers_tanh_mlp_and_old_score_biases_load():
+    """alpha = softmax(w^T tanh(W_a a + b + W_h h)), though computed with a sigmoid; a checkpoint from before the
+    score lost its (inert) bias loads."""
+    model = tiny()
+    features, _, _ = batch()
+    h = torch.randn(B, 12)
+    att = model.attention
+    e = torch.tanh(att.feature_proj(features) + att.hidden_proj(h).unsqueeze(1)) @ att.score.weight.squeeze(0)
+    _, alpha = att(model.attend_memory(features), h)
+    assert torch.allclose(alpha, torch.softmax(e + 3.0, dim=1), atol=1e-6)  # any bias gives the same alpha
+    old = {**model.state_dict(), "attention.score.bias": torch.tensor([0.7])}
+    tiny().load_state_dict(old)
