@@ -9,6 +9,8 @@ read with os.wait4) is its own. Sections (benchmarks/README.md says what each ro
                              features and Flickr8k-length captions: imcap's fast path vs the tutorial-style
                              baseline of benchmarks/baseline.py, with useful GFLOP/s and the share of the
                              matmul peak measured in the same process
+    recurrence-gemms         the paper setup's per-step recurrence matmuls (32 rows) timed alone: the share of
+                             the matmul peak that training's recurrence could reach at best
     beam                     decode() over random features, k = 1, 3, 5: batched vs the tutorial-style beam
                              search of benchmarks/baseline.py one image at a time (on a subset: it is slow),
                              and vs decode() one image at a time; the count of images whose captions differ
@@ -137,7 +139,8 @@ def train_batches(setup: TrainSetup, per_image: int, n: int, seed: int = 0) -> l
 
 
 def training_step(module, optimizer, features, captions, lengths, image_index) -> None:
-    """What imcap.train.Trainer._step does: forward, loss, backward, clip at 5, Adam."""
+    """What imcap.train.Trainer._step does: forward, loss, backward, clip at 5, Adam (fused for imcap, the
+    default foreach implementation for the baseline)."""
     logits, alphas = module(features, captions, lengths, image_index)  # (B, T, V), (B, T, P)
     loss, _ = caption_loss(logits, captions[:, 1:], alphas, lengths)
     optimizer.zero_grad(set_to_none=True)
@@ -147,6 +150,42 @@ def training_step(module, optimizer, features, captions, lengths, image_index) -
 
 
 # ------------------------------------------------------------------------------------------------ sections
+
+
+def section_recurrence_gemms(args) -> dict:
+    """What the training recurrence's matmuls can reach here: the per-step matmuls of the paper setup (32 rows:
+    W_h h for attention, the cell's W_z z and W_h h), each forward, input gradient and accumulated weight
+    gradient, timed alone, against the 2048^2 peak of the same process. The recurrence cannot run faster than
+    these shapes allow; `dW batched` is the weight gradient done once over all steps instead (what deferring
+    it would give)."""
+    setup = TRAIN_SETUPS["paper"]
+    c, rows = setup.config, setup.batch
+    steps = 22  # about a Flickr8k caption's predictions
+    G = (4 if c.rnn == "lstm" else 3) * c.hidden_dim
+    shapes = [(c.hidden_dim, c.attention_dim), (c.feature_dim, G), (c.hidden_dim, G)]  # (in, out) per step
+    peak = matmul_peak(args.threads)
+    repeats = 3 if args.quick else 20
+    per_step = {"forward": 0.0, "input_grad": 0.0, "weight_grad": 0.0, "weight_grad_batched": 0.0}
+    flop = 0.0
+    for k, n in shapes:
+        x, w, g = torch.randn(rows, k), torch.randn(n, k), torch.randn(rows, n)
+        acc, xs, gs = torch.zeros(n, k), torch.randn(rows * steps, k), torch.randn(rows * steps, n)
+        for name, f, times in (("forward", lambda: x @ w.T, repeats), ("input_grad", lambda: g @ w, repeats),
+                               ("weight_grad", lambda: acc.addmm_(g.T, x), repeats),
+                               ("weight_grad_batched", lambda: gs.T @ xs, max(1, repeats // steps * 2))):
+            f()
+            t = time.perf_counter()
+            for _ in range(times):
+                f()
+            per_step[name] += (time.perf_counter() - t) / times / (steps if name == "weight_grad_batched" else 1)
+        flop += 2 * rows * k * n  # each of the three
+    step_s = per_step["forward"] + per_step["input_grad"] + per_step["weight_grad"]
+    batched_s = per_step["forward"] + per_step["input_grad"] + per_step["weight_grad_batched"]
+    return {"rows": rows, "shapes": shapes, "peak_gflops": round(peak, 2),
+            "ms_per_step": {k: round(v * 1e3, 3) for k, v in per_step.items()},
+            "gflops": round(3 * flop / step_s / 1e9, 2), "share_of_peak": round(3 * flop / step_s / 1e9 / peak, 4),
+            "gflops_dw_batched": round(3 * flop / batched_s / 1e9, 2),
+            "share_of_peak_dw_batched": round(3 * flop / batched_s / 1e9 / peak, 4)}
 
 
 def section_startup(args) -> dict:
@@ -171,7 +210,7 @@ def section_train(args, setup_name: str, variant: str, per_image: int) -> dict:
         batches = [(f[i], c, l, None) for f, c, l, i in batches]  # a copy of the image per caption, made before timing
     else:
         module = model
-    optimizer = torch.optim.Adam(module.parameters(), lr=4e-4)
+    optimizer = torch.optim.Adam(module.parameters(), lr=4e-4, fused=variant == "fast")  # as imcap.train does
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -331,6 +370,7 @@ SECTIONS = {
     "train-paper-baseline": partial(section_train, setup_name="paper", variant="baseline", per_image=1),
     "train-default-fast": partial(section_train, setup_name="default", variant="fast", per_image=5),
     "train-default-baseline": partial(section_train, setup_name="default", variant="baseline", per_image=5),
+    "recurrence-gemms": section_recurrence_gemms,
     "beam": section_beam,
     "extract-224": partial(section_extract, image_size=224, n_images=48),
     "extract-448": partial(section_extract, image_size=448, n_images=24),
@@ -445,6 +485,14 @@ def table(s: dict) -> list[str]:
         rows.append((bench, setting, f"{r['captions_per_s']:.1f} captions/s", f"{r['gflops']:.1f}",
                      f"{100 * r['share_of_peak']:.1f}", vs, mib(r),
                      f"peak {r['peak_gflops']:.0f} GFLOP/s; executed/useful FLOPs {r['executed_over_useful']:.2f}"))
+    r = s.get("recurrence-gemms")
+    if r is not None and "error" not in r:
+        ms = r["ms_per_step"]
+        rows.append(("ceiling", f"paper recurrence matmuls alone, {r['rows']} rows", "", f"{r['gflops']:.1f}",
+                     f"{100 * r['share_of_peak']:.1f}", "", mib(r),
+                     f"ms per step: forward {ms['forward']}, input grad {ms['input_grad']}, weight grad "
+                     f"{ms['weight_grad']} ({ms['weight_grad_batched']} batched over steps: "
+                     f"{100 * r['share_of_peak_dw_batched']:.1f}% of peak)"))
     beam = s.get("beam", {})
     if "error" in beam:
         rows.append(("beam", "", "FAILED", "", "", "", "", beam["error"]))
