@@ -76,10 +76,16 @@ class Captioner:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, which: str = "best", encoder: ImageEncoder | None = None) -> "Captioner":
-        """Load RUN_DIR/best (or RUN_DIR/checkpoint, or a checkpoint directory). No pickles are read.
+        """Load RUN_DIR/best (or RUN_DIR/checkpoint, or a checkpoint directory). No pickles are read. A RUN_DIR
+        with ensemble.json (an ensemble preset) loads its members as one ensemble (load_ensemble).
 
         encoder: the base CNN to use instead of building it from the spec (a fine-tuned checkpoint's encoder
         weights are loaded into it)."""
+        members = ckpt.ensemble_members(run_dir)
+        if members is not None:  # an ensemble preset's RUN_DIR
+            if encoder is not None:
+                raise ValueError(f"{run_dir}: an ensemble loads its own encoder")
+            return cls.load_ensemble(members, which)
         path = ckpt.find_checkpoint(run_dir, which)
         meta, weights = ckpt.load_checkpoint(path)
         encoder_weights = ckpt.load_encoder_weights(path, meta)
@@ -107,6 +113,9 @@ class Captioner:
         if len(run_dirs) == 1:
             return cls.load(run_dirs[0], which)
         parts = [cls.load(r, which) for r in run_dirs]
+        for r, p in zip(run_dirs, parts):
+            if isinstance(p.model, Ensemble):
+                raise ckpt.CheckpointError(f"{r}: is an ensemble already; list its member runs instead")
         first = parts[0]
         for p in parts[1:]:
             where = f"{p.meta['path']} and {first.meta['path']}"

@@ -30,6 +30,7 @@ from .fileio import write_json_atomic
 FORMAT = "imcap-checkpoint"
 VERSION = 2  # the newest version read; 1: decoder only, 2: may carry encoder weights
 ENCODER_FILE = "encoder.safetensors"
+ENSEMBLE_FILE = "ensemble.json"  # in a RUN_DIR whose member runs decode together: {"members": ["m1", ...]}
 REQUIRED_KEYS = ("format", "version", "model_config", "vocab", "encoder")
 OPTIONAL_OBJECTS = ("train_config", "progress", "data", "metrics", "optimizer")  # objects when present
 
@@ -140,6 +141,20 @@ def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimize
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{file}: optimizer state does not fit this model ({str(e).splitlines()[0]})") from None
+
+
+def ensemble_members(run_dir: str | os.PathLike) -> list[Path] | None:
+    """The member run directories listed by RUN_DIR/ensemble.json, or None when RUN_DIR is not an ensemble."""
+    file = Path(run_dir) / ENSEMBLE_FILE
+    if not file.is_file():
+        return None
+    try:
+        members = json.loads(file.read_text())["members"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) and m for m in members):
+        raise CheckpointError(f"{file}: 'members' must list at least 2 run directories")
+    return [Path(run_dir) / m for m in members]
 
 
 def find_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:

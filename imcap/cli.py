@@ -69,23 +69,34 @@ def cmd_train(a) -> int:
     given = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__ if getattr(a, k, None) is not None}
     if "encoder_lr" in given and not given.get("finetune_blocks"):
         raise ValueError("--encoder-lr needs --finetune-blocks N")
-    stages = [(Path(a.out), model_config, given, a.features)]  # (RUN_DIR, model, train config, store) per stage
+    stages = [("", Path(a.out), model_config, given, a.features)]  # (label, RUN_DIR, model, train config, store)
     if a.preset:
         stages = _preset_stages(a, model_config, given)
-    for out, model, cfg, features in stages:
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports and writes
+    for label, out, model, cfg, features in stages:
         summary = train(a.data_dir, out, model_config=model, train_config=TrainConfig(**cfg), features=features,
                         progress=not a.quiet)
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        if not rank0:
             continue
         best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best_val"].items())
-        stage = f"{cfg.get('objective', 'xe')} stage: " if len(stages) > 1 else ""
-        print(f"{stage}training stopped ({summary['stopped']}) after {summary['epochs']} epochs; "
+        print(f"{label + ': ' if label else ''}training stopped ({summary['stopped']}) after {summary['epochs']} epochs; "
               f"best epoch {summary['best_epoch']}: {best or 'no validation split'}; run: {summary['out_dir']}")
+    if a.preset and rank0:
+        from .presets import get_preset
+
+        members = list(get_preset(a.preset).members)
+        if members:
+            from . import checkpoint as ckpt
+            from .fileio import write_json_atomic
+
+            write_json_atomic(Path(a.out) / ckpt.ENSEMBLE_FILE, {"members": members})
+            print(f"ensemble of {len(members)} runs ({', '.join(members)}): {a.out}")
     return EXIT_OK
 
 
-def _preset_stages(a, model_config: dict, given: dict) -> list[tuple[Path, dict | None, dict, str]]:
-    """The stages of `--preset`: its values, overridden by the flags given; SCST goes on from RUN_DIR/xe."""
+def _preset_stages(a, model_config: dict, given: dict) -> list[tuple[str, Path, dict | None, dict, str]]:
+    """The stages of `--preset`: its values, overridden by the flags given; SCST goes on from RUN_DIR/xe;
+    an ensemble's members train in RUN_DIR/<member>."""
     from .presets import get_preset
 
     preset = get_preset(a.preset)
@@ -97,13 +108,16 @@ def _preset_stages(a, model_config: dict, given: dict) -> list[tuple[Path, dict 
                          f"missing: run {preset.features_command.replace('DATA_DIR', str(a.data_dir))}")
     model = {**preset.model, **model_config}
     xe = {**preset.train, **{k: v for k, v in given.items() if not k.startswith("scst_")}}
+    if preset.members:
+        return [(f"member {name}", Path(a.out) / name, model, {**xe, **own}, features)
+                for name, own in preset.members.items()]
     if not preset.scst or a.scst_epochs == 0:
-        return [(Path(a.out), model, xe, features)]
+        return [("", Path(a.out), model, xe, features)]
     scst = {**preset.scst, **{k: v for k, v in given.items() if k.startswith("scst_") or k == "seed"},
             "objective": "scst", "init_from": str(Path(a.out) / "xe")}
     if a.scst_epochs:
         scst["epochs"] = a.scst_epochs
-    return [(Path(a.out) / "xe", model, xe, features), (Path(a.out), None, scst, features)]
+    return [("xe stage", Path(a.out) / "xe", model, xe, features), ("scst stage", Path(a.out), None, scst, features)]
 
 
 def _decoding(a):
@@ -281,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scst-samples", type=int, help="SCST: captions sampled per image (default 5)")
     s.add_argument("--scst-baseline", choices=["greedy", "mean"], help="SCST reward baseline (default greedy)")
     s.add_argument("--scst-max-length", type=int, help="SCST: words per sampled caption (default 20)")
-    s.add_argument("--preset", help="a named recipe (imcap/presets.py): flickr8k, or flickr8k-scst (cross-entropy in "
-                   "RUN_DIR/xe, then SCST in RUN_DIR); flags given override its values")
+    s.add_argument("--preset", help="a named recipe (imcap/presets.py): flickr8k, flickr8k-scst (cross-entropy in "
+                   "RUN_DIR/xe, then SCST in RUN_DIR), or flickr8k-ensemble (two models in RUN_DIR/m1, m2, "
+                   "decoded as one); flags given override its values")
     s.add_argument("--scst-epochs", type=int, help="with --preset: epochs of the SCST stage (0: skip it)")
     s.add_argument("--finetune-blocks", type=int, metavar="N", help="end to end: also train the encoder's last N "
                    "blocks + head conv on the images (needs --init-from; docs/finetune.md)")

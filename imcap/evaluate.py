@@ -55,8 +55,10 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{split}-beam{options.beam_size}" + (f"-lp{options.length_penalty:g}" if options.length_penalty else "")
-    if "ensemble" in captioner.meta:  # named after the other members' run directories
-        stem += "-ensemble-" + "-".join(Path(p).parent.name for p in captioner.meta["ensemble"][1:])
+    others = [Path(p).parent for p in captioner.meta.get("ensemble", [])  # members from outside RUN_DIR
+              if Path(run_dir).resolve() not in Path(p).resolve().parents]
+    if others:  # --ensemble: named after the other runs
+        stem += "-ensemble-" + "-".join(o.name for o in others)
     write_coco_results(out / f"{stem}.results.json", hyps)
     report = {"scores": scores, "split": split, "images": len(rows), "data_dir": str(data_dir),
               "checkpoint": captioner.meta.get("path"), "decoding": asdict(options),

@@ -5,7 +5,10 @@ A preset fixes the feature store, the model, the cross-entropy stage and, option
 run lives in RUN_DIR/xe and the final model in RUN_DIR itself, so `imcap evaluate RUN_DIR` scores the
 finished recipe. Both stages resume: re-running the same command continues where it stopped. Flags given on
 the command line override the preset's values (model and cross-entropy flags apply to the cross-entropy
-stage, --scst-* flags to the SCST stage). docs/results.md records how each preset was chosen and scores.
+stage, --scst-* flags to the SCST stage). An ensemble preset trains its members one after the other in
+RUN_DIR/<member>, each with the cross-entropy stage plus its own settings (which flags do not override),
+then writes RUN_DIR/ensemble.json; `imcap evaluate/caption/serve RUN_DIR` then decode with all members
+(ensemble.py). docs/results.md records how each preset was chosen and scores.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class Preset:
     model: dict = field(default_factory=dict)  # ModelConfig fields
     train: dict = field(default_factory=dict)  # TrainConfig fields of the cross-entropy stage
     scst: dict = field(default_factory=dict)  # TrainConfig fields of the SCST stage ({}: no SCST stage)
+    members: dict[str, dict] = field(default_factory=dict)  # ensemble: member name -> its TrainConfig fields
 
 
 _F8K_FEATURES = dict(features="efficientnet-lite2-224",
@@ -40,6 +44,12 @@ PRESETS: dict[str, Preset] = {
         **_F8K_FEATURES, model=_F8K_MODEL, train=_F8K_XE,
         scst={"epochs": 3, "batch_size": 50, "lr": 1e-4, "lr_schedule": "constant", "warmup_steps": 0,
               "scst_samples": 5, "scst_baseline": "mean", "scst_max_length": 20, "patience": 2},
+    ),
+    # two flickr8k models decoding as one (ensemble.py): each step averages their word probabilities
+    "flickr8k-ensemble": Preset(
+        description="two flickr8k models (seeds 0 and 1) in RUN_DIR/m1 and RUN_DIR/m2, decoded as one",
+        **_F8K_FEATURES, model=_F8K_MODEL, train=_F8K_XE,
+        members={"m1": {"seed": 0}, "m2": {"seed": 1}},
     ),
 }
 

@@ -9,7 +9,9 @@ import torch
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 from safetensors.torch import load_file
 
+from imcap.api import Captioner
 from imcap.cli import main
+from imcap.ensemble import Ensemble
 from imcap.model import ModelConfig, ShowAttendTell
 from imcap.scst import CiderD, reward_references, sample_captions, scst_loss, words_of
 from imcap.text import END, PAD, START, UNK
@@ -180,3 +182,22 @@ def test_preset_without_its_feature_store_says_how_to_make_it(tiny_data, tmp_pat
     code = main(["train", str(tiny_data), "--out", str(tmp_path / "run"), "--preset", "flickr8k", "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and "imcap features" in err and "efficientnet-lite2" in err and len(err.splitlines()) == 1
+
+
+def test_an_ensemble_preset_trains_its_members_and_decodes_them_as_one(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_data), "--out", str(run), "--preset", "flickr8k-ensemble", "--features",
+                 "efficientnet-lite0-64", "--epochs", "1", "--embed-dim", "16", "--hidden-dim", "24",
+                 "--attention-dim", "16", "--quiet"]) == 0
+    assert "member m1" in capsys.readouterr().out
+    seeds = [json.loads((run / m / "best/checkpoint.json").read_text())["train_config"]["seed"] for m in ("m1", "m2")]
+    assert seeds == [0, 1]
+    assert json.loads((run / "ensemble.json").read_text()) == {"members": ["m1", "m2"]}
+    captioner = Captioner.load(run)
+    assert isinstance(captioner.model, Ensemble) and len(captioner.model.members) == 2
+    assert main(["evaluate", str(run), "--split", "val", "--beam", "2", "--quiet"]) == 0
+    report = json.loads((run / "eval/val-beam2.scores.json").read_text())
+    assert report["checkpoint"] == f"{run / 'm1/best'} + {run / 'm2/best'}"
+    (run / "ensemble.json").write_text('{"members": ["m1"]}')
+    assert main(["evaluate", str(run), "--split", "val", "--quiet"]) == 1
+    assert "at least 2 run directories" in capsys.readouterr().err
