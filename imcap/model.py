@@ -85,9 +85,10 @@ class SoftAttention(nn.Module):
     """e = w^T tanh(W_a a + b + W_h h); alpha = softmax(e); context = sum alpha a.
 
     Computed through tanh(x) = 2 sigmoid(2x) - 1 as e' = 2 w^T sigmoid(2 (W_a a + b + W_h h)): e' - e = -(sum w)
-    is the same at every location, so the softmax gives the same alpha (which is also why w needs no bias). The (B, P, A) nonlinearity is the
-    largest elementwise op of a step, and PyTorch's CPU sigmoid is about 5x faster than its tanh (AVX2,
-    docs/performance.md). memory.projected holds 2 (W_a a + b) (project()), so no extra pass doubles x.
+    is the same at every location, so the softmax gives the same alpha (which is also why w needs no bias).
+    The (B, P, A) nonlinearity is the largest elementwise op of a step, and PyTorch's CPU sigmoid is about 5x
+    faster than its tanh (AVX2, docs/performance.md). memory.projected holds 2 (W_a a + b) (project()), so
+    no extra pass doubles x.
     """
 
     def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
