@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt
 from .api import Captioner
 from .fileio import write_json_atomic
 from .datasets import load_dataset
@@ -55,10 +56,11 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{split}-beam{options.beam_size}" + (f"-lp{options.length_penalty:g}" if options.length_penalty else "")
-    others = [Path(p).parent for p in captioner.meta.get("ensemble", [])  # members from outside RUN_DIR
-              if Path(run_dir).resolve() not in Path(p).resolve().parents]
-    if others:  # --ensemble: named after the other runs
-        stem += "-ensemble-" + "-".join(o.name for o in others)
+    if "ensemble" in captioner.meta and ckpt.ensemble_members(run_dir) is None:  # --ensemble: name the others
+        here = Path(run_dir).resolve()
+        names = [Path(p).parent.name if Path(p).parent.resolve() != here else Path(p).name  # run, or own checkpoint
+                 for p in captioner.meta["ensemble"][1:]]
+        stem += "-ensemble-" + "-".join(names)
     write_coco_results(out / f"{stem}.results.json", hyps)
     report = {"scores": scores, "split": split, "images": len(rows), "data_dir": str(data_dir),
               "checkpoint": captioner.meta.get("path"), "decoding": asdict(options),

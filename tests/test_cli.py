@@ -61,7 +61,7 @@ def test_evaluate_and_caption_an_ensemble(run_dir, capsys, tmp_path):
     assert main(["evaluate", str(run_dir / "run"), "--split", "test", "--beam", "2"]) == 0
     assert main(["evaluate", str(run_dir / "run"), "--ensemble", str(run_dir / "run"), "--split", "test", "--beam", "2"]) == 0
     alone = json.loads((run_dir / "run/eval/test-beam2.scores.json").read_text())["scores"]
-    itself = json.loads((run_dir / "run/eval/test-beam2-ensemble-run.scores.json").read_text())["scores"]
+    itself = json.loads((run_dir / "run/eval/test-beam2-ensemble-best.scores.json").read_text())["scores"]
     assert itself == pytest.approx(alone, abs=1e-3)
     image = next((run_dir / "scenes/images").iterdir())
     capsys.readouterr()
