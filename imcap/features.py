@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .distributed import Distributed
 from .encoders import EncoderSpec, ImageEncoder, build_encoder
-from .fileio import write_bytes_atomic, write_json_atomic
+from .fileio import remove_stale_temporaries, write_bytes_atomic, write_json_atomic
 from .images import ImageError, load_image
 
 INDEX_VERSION = 1
@@ -120,6 +120,8 @@ def open_for_writing(path: Path, spec: EncoderSpec, files: Sequence[str], overwr
     want = _new_index(spec, files)
     if overwrite:
         _remove(path)
+    if path.is_dir():
+        remove_stale_temporaries(path)  # a run killed while writing status.u8 or index.json
     if not (path / "index.json").exists():
         _create(path, want)
     index = _read_index(path)

@@ -30,6 +30,27 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of atomic_path left in `directory` by processes that no longer run (killed
+    mid-write); a live process' temporary is left alone. Returns the paths removed."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.split(".")[-3])
+        except (IndexError, ValueError):
+            continue  # not one of ours
+        try:
+            os.kill(pid, 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> Path:
     with atomic_path(path, fsync=fsync) as tmp:
         tmp.write_bytes(data)

@@ -872,3 +872,16 @@ def test_a_checkpoint_that_cannot_be_resumed_is_a_one_line_error(tiny_data, tmp_
     assert code == 1 and len(err) == 1 and ("cannot resume" in err[0] or "unknown progress keys" in err[0])
     assert "checkpoint.json" in err[0]
     assert meta_file.read_bytes() == before  # nothing rewritten
+
+
+def test_a_killed_writers_temporary_is_removed_and_a_live_ones_kept(tmp_path):
+    from imcap.fileio import remove_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".status.u8.{int(dead.stdout)}.bbfafc35.tmp"
+    live = tmp_path / f".index.json.{os.getpid()}.0123abcd.tmp"
+    other = tmp_path / ".notes.tmp"
+    for p in (stale, live, other):
+        p.write_text("x")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert live.exists() and other.exists() and not stale.exists()
