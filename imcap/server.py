@@ -302,12 +302,16 @@ def _safe_name(filename: str | None, index: int) -> str:
 # ---------------------------------------------------------------------------------------------- metadata
 
 
+def _run_name(checkpoint: Path) -> str:
+    """runs/f8k/best -> f8k (a checkpoint directory inside its run), else the directory's own name."""
+    return checkpoint.parent.name if checkpoint.name in ("best", "checkpoint", "best.old", "checkpoint.old") else checkpoint.name
+
+
 def model_info(captioner: Captioner, limits: Limits) -> ModelInfo:
     meta, spec = captioner.meta, captioner.encoder_spec
     data = meta.get("data") or {}
     progress = meta.get("progress") or {}
-    run = Path(meta.get("path", "model"))
-    name = run.parent.name if run.name in ("best", "checkpoint", "best.old", "checkpoint.old") else run.name
+    name = " + ".join(_run_name(Path(p)) for p in meta.get("ensemble", [meta.get("path", "model")]))
     return ModelInfo(
         name=name or "model",
         vocab_size=len(captioner.vocab),

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import shutil
 import re
 import struct
 import threading
@@ -282,3 +283,15 @@ def test_page_and_its_files_are_served_and_load_nothing_from_the_internet(client
         text = f.read_text(encoding="utf-8").replace('xmlns="http://www.w3.org/2000/svg"', "")
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.IGNORECASE), f"{f.name} refers to another host"
     assert client.get("/static/../server.py").status_code == 404
+
+
+def test_an_ensemble_run_dir_serves_captions_and_names_its_members(tmp_path):
+    run = tiny_run(tmp_path / "ens")
+    for member in ("m1", "m2"):
+        shutil.copytree(run / "best", tmp_path / "ens-dir" / member / "best")
+    (tmp_path / "ens-dir" / "ensemble.json").write_text('{"members": ["m1", "m2"]}')
+    ensemble = Captioner.load(tmp_path / "ens-dir")
+    with TestClient(create_app(ensemble)) as c:
+        assert c.get("/v1/model").json()["name"] == "m1 + m2"
+        r = c.post("/v1/captions", files=[("images", ("a.png", png(), "image/png"))])
+        assert r.status_code == 200 and r.json()["results"][0]["caption"]
