@@ -29,7 +29,7 @@ from .decoding import DecodingOptions, decode
 from .distributed import Distributed
 from .encoders import ImageEncoder
 from .features import FeatureStore
-from .fileio import write_jsonl_atomic
+from .fileio import remove_stale_temporaries, write_jsonl_atomic
 from .metrics import validation_scores
 from .model import ModelConfig, ShowAttendTell, caption_loss
 from .scst import reward_references, scst_loss
@@ -297,6 +297,8 @@ class Trainer:
     def train(self, progress_bar: bool = True, stop_after_steps: int | None = None) -> dict:
         """Run until cfg.epochs, early stopping, or stop_after_steps global steps (then checkpoint and return)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:
+            remove_stale_temporaries(self.out_dir)  # a run killed while writing metrics.jsonl
         cfg, p = self.cfg, self.progress
         writer = _tensorboard(self.out_dir / "tb", p.global_step) if self.dist.main else None
         total_steps = cfg.epochs * self.steps_per_epoch
