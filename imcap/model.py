@@ -191,7 +191,8 @@ class ShowAttendTell(nn.Module):
         several captions in the batch is projected once.
         Returns logits (B, L-1, V) predicting captions[:, 1:], and alphas (B, L-1, P); positions at or
         past a caption's end are zero (mask them with lengths - 1).
-        Rows are processed longest first so that finished captions cost nothing at later steps.
+        Rows are processed longest first so that finished captions cost nothing at later steps, and the
+        word gates and the output layer run only on the positions that predict a word.
         return_samples: also return HardSamples (hard attention in training mode samples locations; otherwise
         nothing is sampled and its log_prob is 0).
         """
@@ -203,17 +204,21 @@ class ShowAttendTell(nn.Module):
         captions, steps = captions[order], steps[order]
         memory = Memory(*(m.index_select(0, image_index[order]) for m in self.attend_memory(features)))  # rows (B)
         state = self.init_state(memory)
-        emb = self.embedding(captions[:, :-1])  # (B, L-1, m)
-        gates_e = self.gates_e(emb)  # (B, L-1, G): the words' share of the gates, batched over time
+        memory = _StepPrefixes(memory)  # memory[:n] for step t, without a memory-sized gradient per step
+        # Packed, time-major, as the steps run: step t works on the n_t rows still writing (a prefix: sorted).
+        # Only those S = sum_t n_t positions go through the embedding's gates and the output layer.
+        counts = [int(n) for n in (steps.unsqueeze(0) > torch.arange(int(steps.max())).unsqueeze(1)).sum(1)]
+        row = torch.cat([torch.arange(n) for n in counts])  # (S,) sorted row of each packed position
+        col = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))  # (S,) its step t
+        emb = self.embedding(captions[row, col])  # (S, m): E y_{t-1}
+        gates_e = self.gates_e(emb).split(counts)  # per step (n_t, G): the words' share of the gates, batched
         hard = self.config.attention == "hard" and self.training
         sampled = (torch.rand(B) < self.config.hard_sample_prob) if hard else torch.zeros(B, dtype=torch.bool)
         log_prob_s, entropy = captions.new_zeros(B, dtype=torch.float), captions.new_zeros(B, dtype=torch.float)
         hs, contexts, alphas = [], [], []
-        for t in range(int(steps.max())):
-            n = int((steps > t).sum())  # rows still writing at step t (a prefix: sorted)
-            mem_t = Memory(*(m[:n] for m in memory))
+        for t, n in enumerate(counts):
             state = tuple(s[:n] for s in state)
-            state, context, alpha, lp_s = self._advance(gates_e[:n, t], state, mem_t, sampled[:n] if hard else None)
+            state, context, alpha, lp_s = self._advance(gates_e[t], state, memory.rows(n), sampled[:n] if hard else None)
             hs.append(state[0])  # (n, n_hidden)
             contexts.append(context)  # (n, D)
             alphas.append(alpha)  # (n, P)
@@ -221,12 +226,14 @@ class ShowAttendTell(nn.Module):
                 entropy = entropy + F.pad(-(alpha * alpha.clamp_min(1e-12).log()).sum(1), (0, B - n))
                 if lp_s is not None:
                     log_prob_s = log_prob_s + F.pad(lp_s, (0, B - n))
-        hs, contexts, alphas = (_pad_steps(x, B, L - 1) for x in (hs, contexts, alphas))  # (B, L-1, .)
-        logits = self._output(emb, hs, contexts)  # (B, L-1, V), batched over time
-        inverse = torch.argsort(order)
+        logits = self._output(emb, torch.cat(hs), torch.cat(contexts))  # (S, V), batched over time
+        at = (order[row], col)  # each packed position in (B, L-1), in the caller's row order
+        logits = logits.new_zeros(B, L - 1, logits.size(1)).index_put_(at, logits)  # (B, L-1, V)
+        alphas = logits.new_zeros(B, L - 1, memory.memory.features.size(1)).index_put_(at, torch.cat(alphas))
         if return_samples:
-            return logits[inverse], alphas[inverse], HardSamples(log_prob_s[inverse], entropy[inverse], sampled[inverse])
-        return logits[inverse], alphas[inverse]
+            inverse = torch.argsort(order)
+            return logits, alphas, HardSamples(log_prob_s[inverse], entropy[inverse], sampled[inverse])
+        return logits, alphas
 
     # --- shared pieces ---------------------------------------------------------------------------
 
@@ -272,11 +279,62 @@ class ShowAttendTell(nn.Module):
         return self.out(self.dropout(x))  # (.., V)
 
 
-def _pad_steps(rows: list[torch.Tensor], batch: int, steps: int) -> torch.Tensor:
-    """Per-step tensors (n_t, X) with n_t shrinking -> (batch, steps, X), zeros where a caption had ended."""
-    padded = [F.pad(r, (0, 0, 0, batch - r.size(0))) for r in rows]
-    out = torch.stack(padded, dim=1)  # (batch, T, X)
-    return F.pad(out, (0, 0, 0, steps - out.size(1)))
+class _StepPrefixes:
+    """The rows [:n] of each memory tensor for one step of teacher forcing.
+
+    Autograd gives the backward of every step's x[:n] a gradient the size of all of x, zero-filled past row n,
+    and then adds it to the sum of the others: at imcap's default sizes that filled and added 12.8 MB per
+    step for W_a a alone. Here each step's slice adds its gradient into rows [:n] of one buffer per tensor,
+    and a pass-through node in front of all the slices hands that buffer on as x's gradient once, after the
+    last of them (autograd runs it last: every slice depends on it).
+    """
+
+    def __init__(self, memory: Memory):
+        # the gradient sums, made on first use; a plain list, so the autograd nodes that share it hold no cycle
+        self.buffers: list[torch.Tensor | None] = [None] * len(memory)
+        self.memory = Memory(*(_GradientSum.apply(m, self.buffers, i) if m.requires_grad else m
+                               for i, m in enumerate(memory)))
+
+    def rows(self, n: int) -> Memory:
+        return Memory(*(_PrefixRows.apply(m, n, self.buffers, i) if m.requires_grad else m[:n]
+                        for i, m in enumerate(self.memory)))
+
+
+class _GradientSum(torch.autograd.Function):
+    """Identity in forward; in backward, x's gradient is the buffer its _PrefixRows slices added into."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, buffers: list, i: int) -> torch.Tensor:
+        ctx.buffers, ctx.i = buffers, i
+        ctx.set_materialize_grads(False)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        total = ctx.buffers[ctx.i]
+        ctx.buffers[ctx.i] = None  # handed on once
+        if grad is not None:  # x also used whole, outside the steps
+            total = grad if total is None else total + grad
+        return total, None, None
+
+
+class _PrefixRows(torch.autograd.Function):
+    """x[:n] whose backward adds into buffers[i] and gives x no gradient of its own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int, buffers: list, i: int) -> torch.Tensor:
+        ctx.n, ctx.buffers, ctx.i, ctx.shape = n, buffers, i, x.shape
+        ctx.set_materialize_grads(False)
+        return x[:n]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is not None:
+            buffers = ctx.buffers
+            if buffers[ctx.i] is None:
+                buffers[ctx.i] = grad.new_zeros(ctx.shape)
+            buffers[ctx.i][: ctx.n] += grad
+        return None, None, None, None
 
 
 def doubly_stochastic_penalty(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

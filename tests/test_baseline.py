@@ -52,23 +52,32 @@ def test_baseline_gives_the_fast_paths_logits_and_alphas(rnn):
     assert torch.allclose(b_alphas.sum(2), mask.float(), atol=1e-5)  # zero past each caption's end
 
 
-def test_baseline_gives_the_fast_paths_gradients():
-    model = tiny(dropout=0.0).train()
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+def test_baseline_gives_the_fast_paths_gradients(rnn):
+    """Also for the features (a fine-tuned encoder's): the fast path sums the steps' gradients of W_a a and a
+    in its own buffers (model._StepPrefixes)."""
+    model = tiny(rnn, dropout=0.0).train()
     baseline = TutorialDecoder(model).train()
     features, captions, lengths, image_index = batch(1)
+    feature_grads = []
     for module in (model, baseline):
+        features = features.detach().requires_grad_()
         logits, alphas = module(features, captions, lengths, image_index)
         mask = torch.arange(captions.size(1) - 1) < (lengths - 1).unsqueeze(1)
         (logits[mask].square().sum() + (alphas[mask] * torch.arange(P)).sum()).backward()
+        feature_grads.append(features.grad)
+    assert torch.allclose(*feature_grads, atol=1e-5)
     pairs = [
         (model.embedding, baseline.embedding), (model.attention.feature_proj, baseline.encoder_att),
         (model.attention.hidden_proj, baseline.decoder_att), (model.attention.score, baseline.full_att),
-        (model.init_h, baseline.init_h), (model.init_c, baseline.init_c), (model.f_beta, baseline.f_beta),
+        (model.init_h, baseline.init_h), (model.f_beta, baseline.f_beta),
         (model.out_h, baseline.out_h), (model.out_z, baseline.out_z), (model.out, baseline.fc),
     ]
     for fast, base in pairs:
         for (name, p), q in zip(fast.named_parameters(), base.parameters()):
             assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    if rnn == "lstm":
+        assert torch.allclose(model.init_c.weight.grad, baseline.init_c.weight.grad, atol=1e-5)
     cell = baseline.decode_step
     for g, q in zip(cell_parameters(model, lambda p: p.grad), (cell.weight_ih, cell.weight_hh, cell.bias_ih)):
         assert torch.allclose(g, q.grad, atol=1e-5)
