@@ -102,11 +102,33 @@ class SoftAttention(nn.Module):
         return 2 * self.feature_proj(features)
 
     def forward(self, memory: Memory, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x2 = memory.projected + 2 * self.hidden_proj(h).unsqueeze(1)  # (B, P, A) = 2 (W_a a + b + W_h h)
-        e = (x2.sigmoid_() @ (2 * self.score.weight.T)).squeeze(2)  # (B, P), e' above; in place: no 2nd (B, P, A)
+        hidden = 2 * self.hidden_proj(h).unsqueeze(1)  # (B, 1, A)
+        w = 2 * self.score.weight.T  # (A, 1)
+        if torch.is_grad_enabled() and (hidden.requires_grad or memory.projected.requires_grad):
+            x2 = memory.projected + hidden  # (B, P, A) = 2 (W_a a + b + W_h h)
+            e = (x2.sigmoid_() @ w).squeeze(2)  # (B, P), e' above; in place: no 2nd (B, P, A)
+        else:
+            e = _energy_in_blocks(memory.projected, hidden, w)  # (B, P), the same without autograd
         alpha = F.softmax(e, dim=1)  # (B, P)
         context = torch.bmm(alpha.unsqueeze(1), memory.features).squeeze(1)  # (B, D)
         return context, alpha
+
+
+def _energy_in_blocks(projected: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor, block_floats: int = 2**18) -> torch.Tensor:
+    """e' = sigmoid(projected + hidden) @ w, (B, P, A), (B, 1, A), (A, 1) -> (B, P), a block of rows at a time.
+
+    In decoding (no autograd) the (B, P, A) sum need not exist whole: a beam search over 250 images x 3 beams
+    would write and read 75 MB per step for it. One block of about 1 MB is reused and stays in cache, so
+    the sum, the sigmoid and the product with w each cost one cache-resident pass (docs/performance.md).
+    """
+    B, P, A = projected.shape
+    rows = max(1, block_floats // (P * A))
+    e = projected.new_empty(B, P, 1)
+    block = projected.new_empty(min(rows, B), P, A)
+    for start in range(0, B, rows):
+        x = torch.add(projected[start : start + rows], hidden[start : start + rows], out=block[: min(rows, B - start)])
+        torch.matmul(x.sigmoid_(), w, out=e[start : start + rows])
+    return e.squeeze(2)
 
 
 class ShowAttendTell(nn.Module):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from imcap.model import ModelConfig, ShowAttendTell, caption_loss, doubly_stochastic_penalty
+from imcap.model import ModelConfig, ShowAttendTell, _energy_in_blocks, caption_loss, doubly_stochastic_penalty
 from imcap.text import END, START
 
 B, P, D, V = 3, 6, 10, 17
@@ -139,3 +139,22 @@ def test_attention_is_the_papers_tanh_mlp_and_old_score_biases_load():
     assert torch.allclose(alpha, torch.softmax(e + 3.0, dim=1), atol=1e-6)  # any bias gives the same alpha
     old = {**model.state_dict(), "attention.score.bias": torch.tensor([0.7])}
     tiny().load_state_dict(old)
+
+
+def test_attention_without_autograd_computes_in_blocks_the_same_alpha():
+    """Decoding (no autograd) computes the energies a block of rows at a time (model._energy_in_blocks); the
+    blocks, the last one short, give what the whole (B, P, A) computation gives."""
+    model = tiny()
+    features, _, _ = batch()
+    h = torch.randn(B, 12)
+    memory = model.attend_memory(features)
+    context, alpha = model.attention(memory, h)  # autograd: the whole tensor
+    with torch.no_grad():
+        context_nb, alpha_nb = model.attention(memory, h)
+        hidden, w = 2 * model.attention.hidden_proj(h).unsqueeze(1), 2 * model.attention.score.weight.T
+        per_row = memory.projected[0].numel()  # P * A floats
+        for rows in (1, 2, B - 1, B + 3):
+            e = _energy_in_blocks(memory.projected, hidden, w, block_floats=rows * per_row)
+            assert torch.allclose(torch.softmax(e, dim=1), alpha, atol=1e-6), rows
+    assert torch.allclose(alpha_nb, alpha, atol=1e-6)
+    assert torch.allclose(context_nb, context, atol=1e-6)
