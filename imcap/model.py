@@ -101,8 +101,9 @@ class SoftAttention(nn.Module):
         """(B, P, D) -> (B, P, A) 2 (W_a a + b), once per image."""
         return 2 * self.feature_proj(features)
 
-    def forward(self, memory: Memory, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = 2 * self.hidden_proj(h).unsqueeze(1)  # (B, 1, A)
+    def forward(self, memory: Memory, h: torch.Tensor, hidden_proj=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_proj: what computes W_h h (default self.hidden_proj; teacher forcing passes a _StepLinear)."""
+        hidden = 2 * (hidden_proj or self.hidden_proj)(h).unsqueeze(1)  # (B, 1, A)
         w = 2 * self.score.weight.T  # (A, 1)
         if torch.is_grad_enabled() and (hidden.requires_grad or memory.projected.requires_grad):
             x2 = memory.projected + hidden  # (B, P, A) = 2 (W_a a + b + W_h h)
@@ -237,10 +238,12 @@ class ShowAttendTell(nn.Module):
         hard = self.config.attention == "hard" and self.training
         sampled = (torch.rand(B) < self.config.hard_sample_prob) if hard else torch.zeros(B, dtype=torch.bool)
         log_prob_s, entropy = captions.new_zeros(B, dtype=torch.float), captions.new_zeros(B, dtype=torch.float)
+        linears = _StepLinears(self) if torch.is_grad_enabled() else None  # weight gradients batched over steps
         hs, contexts, alphas = [], [], []
         for t, n in enumerate(counts):
             state = tuple(s[:n] for s in state)
-            state, context, alpha, lp_s = self._advance(gates_e[t], state, memory.rows(n), sampled[:n] if hard else None)
+            state, context, alpha, lp_s = self._advance(gates_e[t], state, memory.rows(n), sampled[:n] if hard else None,
+                                                        linears)
             hs.append(state[0])  # (n, n_hidden)
             contexts.append(context)  # (n, D)
             alphas.append(alpha)  # (n, P)
@@ -261,17 +264,21 @@ class ShowAttendTell(nn.Module):
 
     def _advance(
         self, gates_e: torch.Tensor, state: tuple[torch.Tensor, ...], memory: Memory, sample: torch.Tensor | None = None,
+        linears: "_StepLinears | None" = None,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Attend with h_{t-1}, gate, and run the recurrent cell: one step without the output layer.
 
         gates_e: (B, G) = W_e E y_{t-1} + b, the word's share of the gates (batched over time in training).
         sample: (B,) bool, hard attention: these rows read one sampled location a_s instead of the expected
         context; then the 4th result is (B,) log alpha_s for those rows (0 for the others), else None.
+        linears: teacher forcing's W_h (attention), W_z and W_h (cell), whose weight gradients wait for all steps.
         LSTM (gate order i, f, g, o as nn.LSTMCell):  c = sig(f) c + sig(i) tanh(g);  h = sig(o) tanh(c).
         GRU (as nn.GRUCell):  r, u = sig(x_r + h_r), sig(x_u + h_u);  n = tanh(x_n + r h_n);  h = (1-u) n + u h.
         """
         h = state[0]
-        context, alpha = self.attention(memory, h)  # (B, D), (B, P)
+        hidden_proj, gates_z, gates_h = ((linears.hidden_proj, linears.gates_z, linears.gates_h) if linears
+                                         else (self.attention.hidden_proj, self.gates_z, self.gates_h))
+        context, alpha = self.attention(memory, h, hidden_proj)  # (B, D), (B, P)
         log_prob_s = None
         if sample is not None:
             s = torch.multinomial(alpha.detach(), 1)  # (B, 1) a location per row
@@ -280,14 +287,13 @@ class ShowAttendTell(nn.Module):
             log_prob_s = torch.where(sample, alpha.gather(1, s).squeeze(1).clamp_min(1e-12).log(), 0.0)  # (B,)
         if self.f_beta is not None:
             context = torch.sigmoid(self.f_beta(h)) * context  # beta: (B, 1)
-        gates_x = gates_e + self.gates_z(context)  # (B, G): + W_z z
+        gates_x = gates_e + gates_z(context)  # (B, G): + W_z z
         if self.config.rnn == "lstm":
-            i, f, g, o = (gates_x + self.gates_h(h)).chunk(4, dim=1)  # (B, n) each
+            i, f, g, o = (gates_x + gates_h(h)).chunk(4, dim=1)  # (B, n) each
             c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
             return (torch.sigmoid(o) * torch.tanh(c), c), context, alpha, log_prob_s
-        gates_h = self.gates_h(h)  # (B, 3n)
         x_r, x_z, x_n = gates_x.chunk(3, dim=1)
-        h_r, h_z, h_n = gates_h.chunk(3, dim=1)
+        h_r, h_z, h_n = gates_h(h).chunk(3, dim=1)  # (B, n) each
         r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
         n = torch.tanh(x_n + r * h_n)
         return ((1 - z) * n + z * h,), context, alpha, log_prob_s
@@ -299,6 +305,72 @@ class ShowAttendTell(nn.Module):
         else:
             x = h
         return self.out(self.dropout(x))  # (.., V)
+
+
+class _StepLinears:
+    """The linears that teacher forcing applies at every step of the recurrence (W_h h for attention, the
+    cell's W_z z and W_h h), with their weight gradients batched over the steps.
+
+    Autograd would compute each step's weight gradient as a small (out, n_t) x (n_t, in) matmul and add it
+    to the weight's gradient, a weight-sized pass per step (16 MB for W_z at the paper's sizes). Here each
+    step's backward only computes its input's gradient and keeps (grad_out, input); a pass-through node in
+    front of all the steps (autograd runs it after the last of them) computes the weight's and bias'
+    gradients once, as one matmul over all the steps' rows.
+    """
+
+    def __init__(self, model: "ShowAttendTell"):
+        self.hidden_proj = self._wrap(model.attention.hidden_proj)
+        self.gates_z = self._wrap(model.gates_z)
+        self.gates_h = self._wrap(model.gates_h)
+
+    @staticmethod
+    def _wrap(layer: nn.Linear):
+        if not layer.weight.requires_grad:
+            return layer
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (grad_out, input) of each step, filled in backward
+        weight, bias = _BatchedWeightGrad.apply(layer.weight, layer.bias, kept)
+        return lambda x: _StepLinear.apply(x, weight, bias, kept)
+
+
+class _BatchedWeightGrad(torch.autograd.Function):
+    """Identity on (weight, bias) in forward; in backward, their gradients from the kept (grad_out, input) pairs."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bias: torch.Tensor | None, kept: list):
+        ctx.kept, ctx.has_bias = kept, bias is not None
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight), (bias.view_as(bias) if bias is not None else None)
+
+    @staticmethod
+    def backward(ctx, grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None):
+        if ctx.kept:
+            grad_out = torch.cat([g for g, _ in ctx.kept])  # (S, out)
+            dw = grad_out.T @ torch.cat([x for _, x in ctx.kept])  # (out, in)
+            grad_weight = dw if grad_weight is None else grad_weight + dw
+            if ctx.has_bias:
+                db = grad_out.sum(0)
+                grad_bias = db if grad_bias is None else grad_bias + db
+            ctx.kept.clear()
+        return grad_weight, grad_bias if ctx.has_bias else None, None
+
+
+class _StepLinear(torch.autograd.Function):
+    """x W^T + b whose backward gives x its gradient and keeps (grad_out, x) for _BatchedWeightGrad."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kept: list) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.kept = kept
+        ctx.set_materialize_grads(False)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is None:
+            return None, None, None, None
+        x, weight = ctx.saved_tensors
+        ctx.kept.append((grad, x))
+        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None, None
 
 
 class _StepPrefixes:
