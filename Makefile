@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; a GPU user runs: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup chromium demo test clean
+.PHONY: setup chromium demo test clean bench
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ demo: setup
 
 test: setup chromium
 	$(BIN)/python -m pytest -q -ra
+
+# speed against straightforward implementations (docs/performance.md): prints a table, writes JSON; ~15 min here
+bench: setup
+	$(BIN)/python benchmarks/run.py --threads $$(nproc) --out benchmarks/results-$$(date +%F).json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
