@@ -35,7 +35,7 @@ Search reorders rows itself with index_select on every tensor of `state` and `me
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,9 @@ class SoftAttention(nn.Module):
         """(B, P, D) -> (B, P, A) 2 (W_a a + b), once per image."""
         return 2 * self.feature_proj(features)
 
-    def forward(self, memory: Memory, h: torch.Tensor, hidden_proj=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, memory: Memory, h: torch.Tensor, hidden_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden_proj: what computes W_h h (default self.hidden_proj; teacher forcing passes a _StepLinear)."""
         hidden = 2 * (hidden_proj or self.hidden_proj)(h).unsqueeze(1)  # (B, 1, A)
         w = 2 * self.score.weight.T  # (A, 1)
@@ -115,7 +117,9 @@ class SoftAttention(nn.Module):
         return context, alpha
 
 
-def _energy_in_blocks(projected: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor, block_floats: int = 2**18) -> torch.Tensor:
+def _energy_in_blocks(
+    projected: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor, block_floats: int = 2**18,
+) -> torch.Tensor:
     """e' = sigmoid(projected + hidden) @ w, (B, P, A), (B, 1, A), (A, 1) -> (B, P), a block of rows at a time.
 
     In decoding (no autograd) the (B, P, A) sum need not exist whole: a beam search over 250 images x 3 beams
@@ -242,8 +246,8 @@ class ShowAttendTell(nn.Module):
         hs, contexts, alphas = [], [], []
         for t, n in enumerate(counts):
             state = tuple(s[:n] for s in state)
-            state, context, alpha, lp_s = self._advance(gates_e[t], state, memory.rows(n), sampled[:n] if hard else None,
-                                                        linears)
+            sample = sampled[:n] if hard else None
+            state, context, alpha, lp_s = self._advance(gates_e[t], state, memory.rows(n), sample, linears)
             hs.append(state[0])  # (n, n_hidden)
             contexts.append(context)  # (n, D)
             alphas.append(alpha)  # (n, P)
