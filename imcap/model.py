@@ -258,7 +258,7 @@ class ShowAttendTell(nn.Module):
         logits = self._output(emb, torch.cat(hs), torch.cat(contexts))  # (S, V), batched over time
         at = (order[row], col)  # each packed position in (B, L-1), in the caller's row order
         logits = logits.new_zeros(B, L - 1, logits.size(1)).index_put_(at, logits)  # (B, L-1, V)
-        alphas = logits.new_zeros(B, L - 1, memory.memory.features.size(1)).index_put_(at, torch.cat(alphas))
+        alphas = logits.new_zeros(B, L - 1, features.size(1)).index_put_(at, torch.cat(alphas))  # (B, L-1, P)
         if return_samples:
             inverse = torch.argsort(order)
             return logits, alphas, HardSamples(log_prob_s[inverse], entropy[inverse], sampled[inverse])
