@@ -4,7 +4,7 @@
     log_probs, state, alpha = model.step(tokens, state, memory)
 
 Beam search runs all images x beams as one batch of rows (B * K) and reorders rows with index_select;
-there is no Python loop over images. Both searches drop the rows of images that are done from the batch
+there is no Python loop over images. The memory stays one row per image: the beams of an image share it. Both searches drop the rows of images that are done from the batch
 (COMPACT_SHARE), so that a step costs only the images still searching, whatever the others do; what an
 image gets does not depend on the other images of the batch (up to the last bits of the model's matmuls,
 which round differently for different row counts). Both searches always return a caption: when no
@@ -110,9 +110,10 @@ def greedy_search(model, features: torch.Tensor, max_length: int = 30) -> list[H
 
 
 # The rows of images that are done are dropped from the batch once they are at least this share of it.
-# Dropping copies the memory (P x (D + A) floats per row) of the rows kept, about a fifth of the cost of
-# stepping them (imcap's default model, P = 49): dropping at every step is slower than this, and so are
-# shares of 1/8 and 1/2 (benchmarks/run.py's beam section).
+# Dropping copies the memory (P x (D + A) floats per image) of the images kept, about a fifth of the cost of
+# stepping them in greedy search (imcap's default model, P = 49; beam search's beams share their image's
+# memory): dropping at every step is slower than this, and so are shares of 1/8 and 1/2 (measured when beam
+# search still copied the memory per beam; benchmarks/run.py's beam section).
 COMPACT_SHARE = 0.25
 
 
@@ -155,9 +156,9 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
     neg_inf = float("-inf")
     image_memory = model.attend_memory(features)  # rows (B)
     # all K beams start identical, so step 0 runs one row per image; later steps K: rows a * W .. a * W + W - 1
-    # of every per-step tensor (memory, state, tokens) are the beams of image live[a], W = 1 then K
-    memory = image_memory  # (A * W) rows
-    buffers = _buffers(image_memory, B * K) if K > 1 else None  # storage of the memory's rows from step 1 on
+    # of the state and tokens are the beams of image live[a], W = 1 then K; the memory has one row per image
+    memory = image_memory  # (A) rows: the model reads an image's memory for all W rows of its beams
+    buffers = None  # storage of the memory's rows after the first drop, reused by the later ones
     state = model.init_state(memory)
     live = torch.arange(B)  # (A,) images still in the batch
     tokens = torch.full((B,), START, dtype=torch.long)  # (A * W,)
@@ -215,8 +216,9 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
             retire(gone)
             pool = [p[keep] for p in pool]
             live, beam_lp, n_finished, word, rows = live[keep], beam_lp[keep], n_finished[keep], word[keep], rows[keep]
-        if compact or W < K:
-            memory = _rows(image_memory, live.repeat_interleave(K), out=buffers)  # (A' * K) rows
+            if buffers is None:
+                buffers = _buffers(image_memory, keep.numel())
+            memory = _rows(image_memory, live, out=buffers)  # (A') rows
         state = _rows(state, rows.flatten())
         tokens = word.flatten()
 

@@ -29,7 +29,9 @@ Search (greedy, beam) lives in decoding.py and drives the model through a small 
     memory = model.attend_memory(features)      # per-image work done once: projections, mean
     state  = model.init_state(memory)           # tuple of (B, n) tensors
     log_probs, state, alpha = model.step(tokens, state, memory)
-Search reorders rows itself with index_select on every tensor of `state` and `memory`.
+Search reorders rows itself with index_select on every tensor of `state` and `memory`. The memory may have one
+row per image while the state has W consecutive rows per image (beam search's beams): step() reads each image's
+memory once for its W rows, and the search never copies it per beam.
 """
 
 from __future__ import annotations
@@ -104,36 +106,44 @@ class SoftAttention(nn.Module):
     def forward(
         self, memory: Memory, h: torch.Tensor, hidden_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_proj: what computes W_h h (default self.hidden_proj; teacher forcing passes a _StepLinear)."""
-        hidden = 2 * (hidden_proj or self.hidden_proj)(h).unsqueeze(1)  # (B, 1, A)
+        """memory: M images; h: (M * W, n), W consecutive rows per image (beam search's beams share their image's
+        memory, so it is read once per image and not copied per beam). Returns context (M * W, D), alpha (M * W, P).
+        hidden_proj: what computes W_h h (default self.hidden_proj; teacher forcing passes a _StepLinear)."""
+        M, P, _ = memory.projected.shape
+        W = h.size(0) // M
+        if M * W != h.size(0):
+            raise ValueError(f"{h.size(0)} state rows do not split into the memory's {M} images")
+        hidden = 2 * (hidden_proj or self.hidden_proj)(h).view(M, W, 1, -1)  # (M, W, 1, A)
         w = 2 * self.score.weight.T  # (A, 1)
         if torch.is_grad_enabled() and (hidden.requires_grad or memory.projected.requires_grad):
-            x2 = memory.projected + hidden  # (B, P, A) = 2 (W_a a + b + W_h h)
-            e = (x2.sigmoid_() @ w).squeeze(2)  # (B, P), e' above; in place: no 2nd (B, P, A)
+            x2 = memory.projected.unsqueeze(1) + hidden  # (M, W, P, A) = 2 (W_a a + b + W_h h)
+            e = (x2.sigmoid_() @ w).squeeze(3)  # (M, W, P), e' above; in place: no 2nd (M, W, P, A)
         else:
-            e = _energy_in_blocks(memory.projected, hidden, w)  # (B, P), the same without autograd
-        alpha = F.softmax(e, dim=1)  # (B, P)
-        context = torch.bmm(alpha.unsqueeze(1), memory.features).squeeze(1)  # (B, D)
-        return context, alpha
+            e = _energy_in_blocks(memory.projected, hidden, w)  # (M, W, P), the same without autograd
+        alpha = F.softmax(e, dim=2)  # (M, W, P)
+        context = torch.bmm(alpha, memory.features)  # (M, W, D): each image's features read once for its W rows
+        return context.view(M * W, -1), alpha.view(M * W, P)
 
 
 def _energy_in_blocks(
     projected: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor, block_floats: int = 2**18,
 ) -> torch.Tensor:
-    """e' = sigmoid(projected + hidden) @ w, (B, P, A), (B, 1, A), (A, 1) -> (B, P), a block of rows at a time.
+    """e' = sigmoid(projected + hidden) @ w, (M, P, A), (M, W, 1, A), (A, 1) -> (M, W, P), a few images at a time.
 
-    In decoding (no autograd) the (B, P, A) sum need not exist whole: a beam search over 250 images x 3 beams
+    In decoding (no autograd) the (M, W, P, A) sum need not exist whole: a beam search over 250 images x 3 beams
     would write and read 75 MB per step for it. One block of about 1 MB is reused and stays in cache, so
     the sum, the sigmoid and the product with w each cost one cache-resident pass (docs/performance.md).
     """
-    B, P, A = projected.shape
-    rows = max(1, block_floats // (P * A))
-    e = projected.new_empty(B, P, 1)
-    block = projected.new_empty(min(rows, B), P, A)
-    for start in range(0, B, rows):
-        x = torch.add(projected[start : start + rows], hidden[start : start + rows], out=block[: min(rows, B - start)])
-        torch.matmul(x.sigmoid_(), w, out=e[start : start + rows])
-    return e.squeeze(2)
+    M, P, A = projected.shape
+    W = hidden.size(1)
+    images = max(1, block_floats // (W * P * A))
+    e = projected.new_empty(M, W, P, 1)
+    block = projected.new_empty(min(images, M), W, P, A)
+    for start in range(0, M, images):
+        m = min(images, M - start)
+        x = torch.add(projected[start : start + m].unsqueeze(1), hidden[start : start + m], out=block[:m])
+        torch.matmul(x.sigmoid_(), w, out=e[start : start + m])
+    return e.squeeze(3)
 
 
 class ShowAttendTell(nn.Module):
@@ -199,7 +209,10 @@ class ShowAttendTell(nn.Module):
     def step(
         self, tokens: torch.Tensor, state: tuple[torch.Tensor, ...], memory: Memory
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
-        """One decoding step. tokens: (B,) previous words -> log_probs (B, V), new state, alpha (B, P)."""
+        """One decoding step. tokens: (B,) previous words -> log_probs (B, V), new state, alpha (B, P).
+
+        memory may hold fewer rows than the state, B = M * W: then rows w * W .. w * W + W - 1 of tokens and state
+        (beam search's beams) all attend over image w of the memory."""
         emb = self.embedding(tokens)  # (B, m)
         state, context, alpha, _ = self._advance(self.gates_e(emb), state, memory)
         logits = self._output(emb, state[0], context)  # (B, V)

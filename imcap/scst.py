@@ -123,10 +123,9 @@ def sample_captions(model, features: torch.Tensor, samples: int, max_length: int
     reaches max_length words without <end> stops there. <pad> and <start> are never drawn: the policy is the
     model's distribution renormalised over the other tokens.
     """
-    memory = model.attend_memory(features)
-    memory = type(memory)(*(m.repeat_interleave(samples, dim=0) for m in memory))  # rows (R = I * samples)
-    state = model.init_state(memory)
-    R = memory.features.size(0)
+    memory = model.attend_memory(features)  # rows (I): an image's samples share its memory (model.step)
+    state = tuple(s.repeat_interleave(samples, dim=0) for s in model.init_state(memory))  # rows (R = I * samples)
+    R = state[0].size(0)
     tokens = torch.full((R,), START, dtype=torch.long)
     alive = torch.ones(R, dtype=torch.bool)
     banned = torch.tensor([PAD, START])  # never words: sampling them would make captions with holes

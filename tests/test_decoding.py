@@ -118,12 +118,14 @@ class RowwiseStub:
 
     def step(self, tokens, state, memory):
         h, t = state
+        W = h.size(0) // memory.length.size(0)  # rows per image: the memory has one row per image
+        length, features = memory.length.repeat_interleave(W), memory.features.repeat_interleave(W, 0)
         h = torch.frac(h * 7.31 + tokens.unsqueeze(1) * 0.373 + 0.117)  # (B, V) in [0, 1)
         t = t + 1
         end = torch.zeros(self.V)
         end[END] = 3.0
-        logits = 4.0 * h + (t - memory.length).unsqueeze(1) * end  # (B, V)
-        alpha = torch.softmax(memory.features[:, :, 2] * h[:, :1] * 4.0, dim=1)  # (B, P)
+        logits = 4.0 * h + (t - length).unsqueeze(1) * end  # (B, V)
+        alpha = torch.softmax(features[:, :, 2] * h[:, :1] * 4.0, dim=1)  # (B, P)
         return torch.log_softmax(logits, dim=1), (h, t), alpha
 
 

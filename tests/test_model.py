@@ -142,19 +142,42 @@ def test_attention_is_the_papers_tanh_mlp_and_old_score_biases_load():
 
 
 def test_attention_without_autograd_computes_in_blocks_the_same_alpha():
-    """Decoding (no autograd) computes the energies a block of rows at a time (model._energy_in_blocks); the
-    blocks, the last one short, give what the whole (B, P, A) computation gives."""
+    """Decoding (no autograd) computes the energies a few images at a time (model._energy_in_blocks); the
+    blocks, the last one short, give what the whole (M, W, P, A) computation gives, for one and several rows
+    per image."""
     model = tiny()
     features, _, _ = batch()
-    h = torch.randn(B, 12)
     memory = model.attend_memory(features)
-    context, alpha = model.attention(memory, h)  # autograd: the whole tensor
-    with torch.no_grad():
-        context_nb, alpha_nb = model.attention(memory, h)
-        hidden, w = 2 * model.attention.hidden_proj(h).unsqueeze(1), 2 * model.attention.score.weight.T
-        per_row = memory.projected[0].numel()  # P * A floats
-        for rows in (1, 2, B - 1, B + 3):
-            e = _energy_in_blocks(memory.projected, hidden, w, block_floats=rows * per_row)
-            assert torch.allclose(torch.softmax(e, dim=1), alpha, atol=1e-6), rows
-    assert torch.allclose(alpha_nb, alpha, atol=1e-6)
-    assert torch.allclose(context_nb, context, atol=1e-6)
+    w = 2 * model.attention.score.weight.T
+    for W in (1, 3):
+        h = torch.randn(B * W, 12)
+        context, alpha = model.attention(memory, h)  # autograd: the whole tensor
+        with torch.no_grad():
+            context_nb, alpha_nb = model.attention(memory, h)
+            hidden = 2 * model.attention.hidden_proj(h).view(B, W, 1, -1)
+            per_image = W * memory.projected[0].numel()  # W * P * A floats
+            for images in (1, 2, B - 1, B + 3):
+                e = _energy_in_blocks(memory.projected, hidden, w, block_floats=images * per_image)
+                assert torch.allclose(torch.softmax(e, dim=2).view(B * W, -1), alpha, atol=1e-6), (W, images)
+        assert torch.allclose(alpha_nb, alpha, atol=1e-6)
+        assert torch.allclose(context_nb, context, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rows_sharing_an_image_attend_as_if_the_memory_were_copied(grad):
+    """Beam search keeps one memory row per image for its W beams: attention over the shared memory gives what
+    it gives over a memory repeated per row, with and without autograd (and the same gradients)."""
+    model = tiny()
+    features, _, _ = batch()
+    W = 3
+    h = torch.randn(B * W, 12, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        shared = model.attention(model.attend_memory(features), h)
+        copied = model.attention(model.attend_memory(features.repeat_interleave(W, 0)), h)
+    for got, want in zip(shared, copied):
+        assert torch.allclose(got, want, atol=1e-6)
+    if grad:
+        g = torch.randn_like(shared[0])
+        grads = [torch.autograd.grad((out[0] * g).sum(), [h, model.attention.feature_proj.weight]) for out in (shared, copied)]
+        for got, want in zip(*grads):
+            assert torch.allclose(got, want, atol=1e-5)
