@@ -4,8 +4,8 @@
     log_probs, state, alpha = model.step(tokens, state, memory)
 
 Beam search runs all images x beams as one batch of rows (B * K) and reorders rows with index_select;
-there is no Python loop over images. The memory stays one row per image: the beams of an image share it. Both searches drop the rows of images that are done from the batch
-(COMPACT_SHARE), so that a step costs only the images still searching, whatever the others do; what an
+there is no Python loop over images. The memory stays one row per image: the beams of an image share it.
+Both searches drop the rows of images that are done from the batch (COMPACT_SHARE), so that a step costs only the images still searching, whatever the others do; what an
 image gets does not depend on the other images of the batch (up to the last bits of the model's matmuls,
 which round differently for different row counts). Both searches always return a caption: when no
 hypothesis has ended by max_length, the best unfinished one is returned.

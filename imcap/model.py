@@ -287,7 +287,8 @@ class ShowAttendTell(nn.Module):
 
         gates_e: (B, G) = W_e E y_{t-1} + b, the word's share of the gates (batched over time in training).
         sample: (B,) bool, hard attention: these rows read one sampled location a_s instead of the expected
-        context; then the 4th result is (B,) log alpha_s for those rows (0 for the others), else None.
+        context; then the 4th result is (B,) log alpha_s for those rows (0 for the others), else None. Only
+        teacher forcing samples, with one memory row per state row.
         linears: teacher forcing's W_h (attention), W_z and W_h (cell), whose weight gradients wait for all steps.
         LSTM (gate order i, f, g, o as nn.LSTMCell):  c = sig(f) c + sig(i) tanh(g);  h = sig(o) tanh(c).
         GRU (as nn.GRUCell):  r, u = sig(x_r + h_r), sig(x_u + h_u);  n = tanh(x_n + r h_n);  h = (1-u) n + u h.

@@ -178,6 +178,7 @@ def test_rows_sharing_an_image_attend_as_if_the_memory_were_copied(grad):
         assert torch.allclose(got, want, atol=1e-6)
     if grad:
         g = torch.randn_like(shared[0])
-        grads = [torch.autograd.grad((out[0] * g).sum(), [h, model.attention.feature_proj.weight]) for out in (shared, copied)]
+        wrt = [h, model.attention.feature_proj.weight]
+        grads = [torch.autograd.grad((out[0] * g).sum(), wrt) for out in (shared, copied)]
         for got, want in zip(*grads):
             assert torch.allclose(got, want, atol=1e-5)
