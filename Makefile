@@ -40,7 +40,7 @@ demo: setup
 test: setup chromium
 	$(BIN)/python -m pytest -q -ra
 
-# speed against straightforward implementations (docs/performance.md): prints a table, writes JSON; ~15 min here
+# speed against straightforward implementations (docs/performance.md): prints a table, writes JSON; ~15 min here (2 threads), ~17 on one
 bench: setup
 	$(BIN)/python benchmarks/run.py --threads $$(nproc) --out benchmarks/results-$$(date +%F).json
 
