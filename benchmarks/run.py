@@ -151,6 +151,18 @@ def training_step(module, optimizer, features, captions, lengths, image_index) -
     optimizer.step()
 
 
+def train_variant(model: ShowAttendTell, batches: list[tuple], variant: str) -> tuple:
+    """(module, optimizer, batches) of one variant: "fast" is the model itself with fused Adam (as imcap.train
+    does); "baseline" is a TutorialDecoder on a copy of its parameters with the default Adam, on batches with a
+    copy of the image per caption, made before timing."""
+    if variant == "baseline":
+        module = TutorialDecoder(model).train()
+        batches = [(f[i], c, l, None) for f, c, l, i in batches]
+    else:
+        module = model
+    return module, torch.optim.Adam(module.parameters(), lr=4e-4, fused=variant == "fast"), batches
+
+
 # ------------------------------------------------------------------------------------------------ sections
 
 
@@ -163,19 +175,14 @@ def section_train_interleaved(args, setup_name: str = "paper") -> dict:
     setup = TRAIN_SETUPS[setup_name]
     torch.manual_seed(0)
     model = ShowAttendTell(setup.config).train()
-    baseline = TutorialDecoder(model).train()  # its own copy of the parameters
     batches = train_batches(setup, 1, n=2 if args.quick else 3)
     useful = [train_flops(setup.config, setup.positions, f.size(0), lengths) for f, _, lengths, _ in batches]
-    variants = {
-        "fast": (model, torch.optim.Adam(model.parameters(), lr=4e-4, fused=True), batches),
-        "baseline": (baseline, torch.optim.Adam(baseline.parameters(), lr=4e-4),
-                     [(f[i], c, l, None) for f, c, l, i in batches]),  # a copy of the image per caption
-    }
+    variants = {name: train_variant(model, batches, name) for name in ("fast", "baseline")}  # same start weights
     for module, optimizer, data in variants.values():  # warm-up, not timed
         training_step(module, optimizer, *data[0])
     rounds = 1 if args.quick else 6
     seconds = {name: [] for name in variants}
-    peaks = []
+    peaks, flops = [], 0.0
     for r in range(rounds):
         j = (r + 1) % len(batches)
         peaks.append(matmul_peak(args.threads, repeats=3))
@@ -183,8 +190,8 @@ def section_train_interleaved(args, setup_name: str = "paper") -> dict:
             t = time.perf_counter()
             training_step(module, optimizer, *data[j])
             seconds[name].append(time.perf_counter() - t)
+        flops += useful[j]
     captions = rounds * setup.batch
-    flops = sum(useful[(r + 1) % len(batches)] for r in range(rounds))
     peak = sum(peaks) / len(peaks)
     out = {"setup": setup_name, "rounds": rounds, "batch": setup.batch, "peak_gflops_each_round": [round(x, 1) for x in peaks]}
     for name, times in seconds.items():
@@ -250,13 +257,8 @@ def section_train(args, setup_name: str, variant: str, per_image: int) -> dict:
     # useful work is the same for both variants: each image projected once, no padding
     useful = [train_flops(setup.config, setup.positions, f.size(0), lengths) for f, _, lengths, _ in batches]
     n_images = batches[0][0].size(0)
-    if variant == "baseline":
-        module = TutorialDecoder(model).train()
-        del model
-        batches = [(f[i], c, l, None) for f, c, l, i in batches]  # a copy of the image per caption, made before timing
-    else:
-        module = model
-    optimizer = torch.optim.Adam(module.parameters(), lr=4e-4, fused=variant == "fast")  # as imcap.train does
+    module, optimizer, batches = train_variant(model, batches, variant)
+    del model  # the baseline holds its own copy of the parameters
 
     # the warm-up step, counting the matmul FLOPs actually executed
     executed = matmul_flops(lambda: training_step(module, optimizer, *batches[0]))

@@ -5,9 +5,10 @@
 
 Beam search runs all images x beams as one batch of rows (B * K) and reorders rows with index_select;
 there is no Python loop over images. The memory stays one row per image: the beams of an image share it.
-Both searches drop the rows of images that are done from the batch (COMPACT_SHARE), so that a step costs only the images still searching, whatever the others do; what an
-image gets does not depend on the other images of the batch (up to the last bits of the model's matmuls,
-which round differently for different row counts). Both searches always return a caption: when no
+Both searches drop the rows of images that are done from the batch (COMPACT_SHARE), so that a step costs
+only the images still searching, whatever the others do; what an image gets does not depend on the other
+images of the batch (up to the last bits of the model's matmuls, which round differently for different row
+counts). Both searches always return a caption: when no
 hypothesis has ended by max_length, the best unfinished one is returned.
 """
 
@@ -98,9 +99,8 @@ def greedy_search(model, features: torch.Tensor, max_length: int = 30) -> list[H
         if n_done >= COMPACT_SHARE * done.numel():  # drop the rows of ended captions
             keep = (~done).nonzero().squeeze(1)  # (A',)
             live, tokens, done = live[keep], tokens[keep], done[keep]
-            if buffers is None:
-                buffers = _buffers(image_memory, keep.numel())
-            state, memory = _rows(state, keep), _rows(image_memory, live, out=buffers)
+            state = _rows(state, keep)
+            memory, buffers = _image_rows(image_memory, live, buffers)
     seq = out_tokens[: t + 1].T  # (B, T)
     alphas = out_alphas[: t + 1].transpose(0, 1)  # (B, T, P)
     return [
@@ -131,6 +131,14 @@ def _rows(tensors: tuple, index: torch.Tensor, out: list[torch.Tensor] | None = 
 def _buffers(tensors: tuple, rows: int) -> list[torch.Tensor]:
     """Uninitialised tensors shaped like `tensors` with `rows` rows, for _rows(..., out=)."""
     return [x.new_empty((rows, *x.shape[1:])) for x in tensors]
+
+
+def _image_rows(image_memory: tuple, live: torch.Tensor, buffers: list[torch.Tensor] | None) -> tuple:
+    """The memory rows of the images still searching, `live`, copied into `buffers` (made at the first drop, with
+    as many rows as then kept, and reused by the later drops, which keep fewer). Returns (memory, buffers)."""
+    if buffers is None:
+        buffers = _buffers(image_memory, live.numel())
+    return _rows(image_memory, live, out=buffers), buffers
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -216,9 +224,7 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
             retire(gone)
             pool = [p[keep] for p in pool]
             live, beam_lp, n_finished, word, rows = live[keep], beam_lp[keep], n_finished[keep], word[keep], rows[keep]
-            if buffers is None:
-                buffers = _buffers(image_memory, keep.numel())
-            memory = _rows(image_memory, live, out=buffers)  # (A') rows
+            memory, buffers = _image_rows(image_memory, live, buffers)  # (A') rows
         state = _rows(state, rows.flatten())
         tokens = word.flatten()
 
