@@ -24,6 +24,7 @@ import math
 import os
 import posixpath
 import re
+import shutil
 import sys
 import tarfile
 import urllib.error
@@ -41,6 +42,8 @@ from .fileio import write_json_atomic
 BASE_ENV = "IMCAP_DOWNLOAD_BASE"
 STATE_DIR = ".imcap-download"
 CHUNK = 1 << 20
+MAX_UNPACK_RATIO = 20  # an archive may unpack to at most this many times its size ...
+MIN_UNPACK_LIMIT = 64 << 20  # ... or to this many bytes, whichever is more
 TIMEOUT = 30.0  # seconds without any answer or any byte before a transfer is given up
 
 
@@ -360,14 +363,36 @@ def _check_member(name: str, root: Path) -> None:
         raise UnsafeArchiveError(f"refusing to unpack member {name!r}: it would land outside {root}")
 
 
+def unpack_limit(archive_bytes: int) -> int:
+    """The most bytes an archive of `archive_bytes` may unpack to: MAX_UNPACK_RATIO times its size, at least
+    MIN_UNPACK_LIMIT. The listed archives hold JPEGs (about 1x) and caption JSON or text (4-5x with zip -9)."""
+    return max(MAX_UNPACK_RATIO * archive_bytes, MIN_UNPACK_LIMIT)
+
+
+def _check_unpacked_size(archive: Path, root: Path, unpacked: int) -> None:
+    """Refuse an archive that would unpack to more than unpack_limit() (a zip bomb) or than the free space."""
+    limit = unpack_limit(archive.stat().st_size)
+    if unpacked > limit:
+        raise UnsafeArchiveError(f"refusing to unpack: its members add up to {human_size(unpacked)}, over the "
+                                 f"limit of {human_size(limit)} for an archive of this size (possible zip bomb)")
+    existing = next(p for p in (root, *root.parents) if p.exists())  # root itself may not exist yet
+    free = shutil.disk_usage(existing).free
+    if unpacked > free:
+        raise DownloadError(f"{archive.name}: cannot unpack into {root}: needs {human_size(unpacked)}, "
+                            f"{human_size(free)} free")
+
+
 def extract(archive: str | os.PathLike, dest: str | os.PathLike, kind: str) -> None:
-    """Unpack a "zip" or "tar.gz" archive into `dest`, refusing any member that would land outside it."""
+    """Unpack a "zip" or "tar.gz" archive into `dest`, refusing any member that would land outside it and
+    archives that would unpack to far more than their size (unpack_limit) or than the free space."""
     archive, root = Path(archive), Path(dest).resolve()
     try:
         if kind == "zip":
             with zipfile.ZipFile(archive) as z:
                 for info in z.infolist():
                     _check_member(info.filename, root)
+                # zipfile reads no member past its declared size, so the declared sizes bound what is written
+                _check_unpacked_size(archive, root, sum(info.file_size for info in z.infolist()))
                 z.extractall(root)
         elif kind == "tar.gz":
             with tarfile.open(archive, "r:gz") as t:
@@ -377,6 +402,7 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, kind: str) -> N
                         target = posixpath.join(posixpath.dirname(member.name), member.linkname) if member.issym() \
                             else member.linkname
                         _check_member(posixpath.normpath(target), root)
+                _check_unpacked_size(archive, root, sum(member.size for member in t.getmembers()))
                 if hasattr(tarfile, "data_filter"):  # also drops device files and unsafe permissions
                     t.extractall(root, filter="data")
                 else:

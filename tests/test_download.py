@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import socket
 import tarfile
 import threading
@@ -22,6 +23,7 @@ from imcap.download import (
     UnsafeArchiveError,
     download,
     extract,
+    unpack_limit,
 )
 
 
@@ -278,3 +280,27 @@ def test_server_size_differing_from_the_registry_is_refused_before_downloading(s
     with pytest.raises(DownloadError, match=f"serves {len(ZIP):,} bytes, {len(ZIP) + 1:,} expected"):
         download(tiny_dataset(server, zip_size=len(ZIP) + 1), tmp_path, progress=False)
     assert not (tmp_path / "tiny.zip.part").exists()  # refused on the headers, nothing written
+
+
+def test_an_archive_unpacking_to_far_more_than_its_size_is_refused(tmp_path):
+    # a zip bomb: 200 MB of zeros compress to about 200 kB, over the 64 MB floor and 20x the archive
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z, z.open("zeros.bin", "w", force_zip64=True) as member:
+        block = bytes(1_000_000)
+        for _ in range(200):
+            member.write(block)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(UnsafeArchiveError, match=r"bomb.zip: refusing to unpack: its members add up to 200\.0 MB"):
+        extract(bomb, tmp_path / "dest", "zip")
+    assert not (tmp_path / "dest").exists()
+    assert unpack_limit(10 << 20) == 200 << 20 and unpack_limit(1000) == 64 << 20
+
+
+def test_an_archive_larger_than_the_free_space_is_refused_before_unpacking(tmp_path, monkeypatch):
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(make_zip({"a.txt": b"x" * 5000}))
+    free = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: free)
+    with pytest.raises(DownloadError, match=r"a.zip: cannot unpack into .*needs 5\.0 KB, 1\.0 KB free"):
+        extract(archive, tmp_path / "dest", "zip")
+    assert not (tmp_path / "dest").exists()
