@@ -80,7 +80,7 @@ def train_flops(cfg: ModelConfig, positions: int, n_images: int, lengths: torch.
         forward, per image:  W_a a                                  2 P D A
                              f_init on mean_i a_i                    2 D n k
         forward, per word:   W_h h                                  2 n A
-                             w^T sigmoid(.) (model.py: = w^T tanh) 2 P A
+                             w^T tanh(.) (fastpath: via sigmoid)    2 P A
                              sum_i alpha_i a_i                       2 P D
                              f_beta h                                2 n          (with the gate)
                              cell gates W_e E y + W_z z + W_h h      2 G (m + D + n)

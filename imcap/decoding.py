@@ -18,23 +18,29 @@ from dataclasses import dataclass
 
 import torch
 
+from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
 from .text import END, START
 
 
 @dataclass(frozen=True)
 class DecodingOptions:
-    beam_size: int = 3  # 1 = greedy
-    max_length: int = 30  # words per caption, <end> not counted
+    beam_size: int = 3  # 1 = greedy; at most MAX_BEAM_SIZE
+    max_length: int = 30  # words per caption, <end> not counted; at most MAX_LENGTH
     length_penalty: float = 0.0  # score = log p / ((5 + L) / 6) ** length_penalty (0: plain log p)
     n_best: int = 1  # hypotheses returned per image (<= beam_size)
 
     def __post_init__(self):
-        if self.beam_size < 1:
-            raise ValueError(f"beam size must be >= 1, got {self.beam_size}")
-        if self.max_length < 1:
-            raise ValueError(f"max length must be >= 1, got {self.max_length}")
-        if not 1 <= self.n_best <= self.beam_size:
-            raise ValueError(f"n-best must be between 1 and the beam size ({self.beam_size}), got {self.n_best}")
+        for name, value, high in (("beam size", self.beam_size, MAX_BEAM_SIZE), ("max length", self.max_length, MAX_LENGTH)):
+            if not _is_int(value) or not 1 <= value <= high:
+                raise ValueError(f"{name} must be an integer from 1 to {high}, got {str(value)[:40]}")
+        if not _is_int(self.n_best) or not 1 <= self.n_best <= self.beam_size:
+            raise ValueError(f"n-best must be between 1 and the beam size ({self.beam_size}), got {str(self.n_best)[:40]}")
+        if not isinstance(self.length_penalty, (int, float)) or not 0 <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise ValueError(f"length penalty must be from 0 to {MAX_LENGTH_PENALTY}, got {str(self.length_penalty)[:40]}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -53,7 +59,7 @@ def length_normalize(log_prob: torch.Tensor, length: torch.Tensor | int, penalty
     """GNMT length penalty (Wu et al. 2016): log p / ((5 + L) / 6) ** penalty."""
     if penalty == 0.0:
         return log_prob
-    length = torch.as_tensor(length, dtype=log_prob.dtype)
+    length = torch.as_tensor(length, dtype=log_prob.dtype, device=log_prob.device)
     return log_prob / ((5.0 + length) / 6.0) ** penalty
 
 
@@ -76,12 +82,13 @@ def greedy_search(model, features: torch.Tensor, max_length: int = 30) -> list[H
     memory = image_memory = model.attend_memory(features)  # (A) rows, (B) rows
     buffers = None  # storage of the memory's rows after the first drop, reused by the later ones
     state = model.init_state(memory)
-    live = torch.arange(B)  # (A,) images still in the batch: row a of every per-step tensor is image live[a]
-    tokens = torch.full((B,), START, dtype=torch.long)  # (A,)
-    done = torch.zeros(B, dtype=torch.bool)  # (A,) caption ended (row not dropped yet)
-    log_probs = torch.zeros(B)  # (B,)
-    lengths = torch.full((B,), L)  # (B,) unfinished captions keep max_length words
-    out_tokens = torch.zeros(L + 1, B, dtype=torch.long)  # (T, B) word of each image at each step
+    device = features.device
+    live = torch.arange(B, device=device)  # (A,) images still in the batch: row a of every per-step tensor is image live[a]
+    tokens = torch.full((B,), START, dtype=torch.long, device=device)  # (A,)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (A,) caption ended (row not dropped yet)
+    log_probs = features.new_zeros(B)  # (B,)
+    lengths = torch.full((B,), L, device=device)  # (B,) unfinished captions keep max_length words
+    out_tokens = torch.zeros(L + 1, B, dtype=torch.long, device=device)  # (T, B) word of each image at each step
     out_alphas = features.new_zeros(L + 1, B, features.size(1))  # (T, B, P)
     for t in range(L + 1):  # max_length words, then one last chance for <end>
         lp, state, alpha = model.step(tokens, state, memory)  # (A, V), state, (A, P)
@@ -143,7 +150,7 @@ def _image_rows(image_memory: tuple, live: torch.Tensor, buffers: list[torch.Ten
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (B, K, ...), index: (B, J) -> (B, J, ...): per-image row selection."""
-    return x[torch.arange(x.size(0)).unsqueeze(1), index]
+    return x[torch.arange(x.size(0), device=x.device).unsqueeze(1), index]
 
 
 @torch.inference_mode()
@@ -168,19 +175,21 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
     memory = image_memory  # (A) rows: the model reads an image's memory for all W rows of its beams
     buffers = None  # storage of the memory's rows after the first drop, reused by the later ones
     state = model.init_state(memory)
-    live = torch.arange(B)  # (A,) images still in the batch
-    tokens = torch.full((B,), START, dtype=torch.long)  # (A * W,)
-    beam_lp = torch.full((B, K), neg_inf)  # (A, K) log p of each open beam
+    device, dtype = features.device, features.dtype
+    live = torch.arange(B, device=device)  # (A,) images still in the batch
+    tokens = torch.full((B,), START, dtype=torch.long, device=device)  # (A * W,)
+    beam_lp = torch.full((B, K), neg_inf, dtype=dtype, device=device)  # (A, K) log p of each open beam
     beam_lp[:, 0] = 0.0  # one alive at the start
-    n_finished = torch.zeros(B, dtype=torch.long)  # (A,)
-    rank = torch.arange(2 * K).unsqueeze(0)  # (1, 2K)
+    n_finished = torch.zeros(B, dtype=torch.long, device=device)  # (A,)
+    rank = torch.arange(2 * K, device=device).unsqueeze(0)  # (1, 2K)
     # history, by step and image (B, not A): the beam in slot j after step t ends with word hist_word[t, b, j]
     # and extends the beam in slot hist_parent[t, b, j] at step t, which attended with hist_alpha[t, b, that slot]
-    hist_word = torch.zeros(L + 1, B, K, dtype=torch.long)
-    hist_parent = torch.zeros(L + 1, B, K, dtype=torch.long)
+    hist_word = torch.zeros(L + 1, B, K, dtype=torch.long, device=device)
+    hist_parent = torch.zeros(L + 1, B, K, dtype=torch.long, device=device)
     hist_alpha = features.new_zeros(L + 1, B, K, P)
     # finished hypotheses, best first: score, log p, last step, slot extended at the last step, last word
-    pool = [torch.full((B, K), neg_inf) for _ in range(2)] + [torch.zeros(B, K, dtype=torch.long) for _ in range(3)]
+    pool = ([torch.full((B, K), neg_inf, dtype=dtype, device=device) for _ in range(2)]
+            + [torch.zeros(B, K, dtype=torch.long, device=device) for _ in range(3)])
     final = [p.clone() for p in pool]  # (B, K) each: the pools of images dropped from the batch
 
     def add_to_pool(*candidates):  # (A, J) each, in the order of pool; -inf scores are not candidates
@@ -217,7 +226,7 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
         hist_parent[t].index_copy_(0, live, parent)
         hist_word[t].index_copy_(0, live, word)
         beam_lp = cont_lp
-        rows = (torch.arange(A).unsqueeze(1) * W + (parent if W == K else 0)).expand(A, K)  # (A, K) parents' rows
+        rows = (torch.arange(A, device=device).unsqueeze(1) * W + (parent if W == K else 0)).expand(A, K)  # (A, K) parents' rows
         compact = n_done >= COMPACT_SHARE * A
         if compact:  # drop the rows of done images
             keep, gone = (~done).nonzero().squeeze(1), done.nonzero().squeeze(1)  # (A',), (A - A',)
@@ -232,15 +241,15 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
     if bool(open_.any()):
         score = torch.where(open_, length_normalize(beam_lp, L, options.length_penalty), neg_inf)
         add_to_pool(score, beam_lp, torch.full_like(pool[2], L - 1), hist_parent[L - 1, live], hist_word[L - 1, live])
-    retire(torch.arange(live.numel()))
+    retire(torch.arange(live.numel(), device=device))
 
     # trace the n-best back: slot is the beam slot at step u of each hypothesis
     N = options.n_best
     score, log_prob, last, slot, last_word = (f[:, :N] for f in final)  # (B, N) each
     T = int(last.max()) + 1 if B else 0
-    seq = torch.zeros(B, N, T, dtype=torch.long)  # (B, N, T)
+    seq = torch.zeros(B, N, T, dtype=torch.long, device=device)  # (B, N, T)
     alphas = features.new_zeros(B, N, T, P)  # (B, N, T, P)
-    image = torch.arange(B).unsqueeze(1)  # (B, 1)
+    image = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
     for u in range(T - 1, -1, -1):  # positions past a hypothesis' last step get junk, cut below
         before = last > u  # (B, N) word u was chosen by a beam that went on
         seq[:, :, u] = torch.where(before, hist_word[u, image, slot], last_word)

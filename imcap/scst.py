@@ -126,9 +126,10 @@ def sample_captions(model, features: torch.Tensor, samples: int, max_length: int
     memory = model.attend_memory(features)  # rows (I): an image's samples share its memory (model.step)
     state = tuple(s.repeat_interleave(samples, dim=0) for s in model.init_state(memory))  # rows (R = I * samples)
     R = state[0].size(0)
-    tokens = torch.full((R,), START, dtype=torch.long)
-    alive = torch.ones(R, dtype=torch.bool)
-    banned = torch.tensor([PAD, START])  # never words: sampling them would make captions with holes
+    device = features.device
+    tokens = torch.full((R,), START, dtype=torch.long, device=device)  # (R,)
+    alive = torch.ones(R, dtype=torch.bool, device=device)  # (R,)
+    banned = torch.tensor([PAD, START], device=device)  # never words: sampling them would make captions with holes
     out_tokens, out_lp = [], []
     for _ in range(max_length + 1):  # max_length words, then one last chance for <end>
         lp, state, _alpha = model.step(tokens, state, memory)  # (R, V)
@@ -178,7 +179,7 @@ def scst_loss(
     if baseline == "mean":
         per_image = reward.reshape(I, samples)
         base = ((per_image.sum(1, keepdims=True) - per_image) / (samples - 1)).reshape(-1)
-    advantage = torch.as_tensor(reward - base, dtype=log_probs.dtype)  # (R,)
+    advantage = torch.as_tensor(reward - base, dtype=log_probs.dtype, device=log_probs.device)  # (R,)
     rows = total_rows or tokens.size(0)
     loss = -(advantage * log_probs.sum(1)).sum() / rows
     parts.update(sample_reward=float(reward.mean()), advantage=float(advantage.mean()),

@@ -55,7 +55,7 @@ def test_baseline_gives_the_fast_paths_logits_and_alphas(rnn):
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
 def test_baseline_gives_the_fast_paths_gradients(rnn):
     """Also for the features (a fine-tuned encoder's): the fast path sums the steps' gradients of W_a a and a
-    in its own buffers (model._StepPrefixes)."""
+    in its own buffers (fastpath._StepPrefixes)."""
     model = tiny(rnn, dropout=0.0).train()
     baseline = TutorialDecoder(model).train()
     features, captions, lengths, image_index = batch(1)

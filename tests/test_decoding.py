@@ -84,11 +84,19 @@ def test_length_penalty_prefers_longer_captions():
     assert sum(len(h[0].tokens) for h in long) >= sum(len(h[0].tokens) for h in plain)
 
 
-def test_options_are_validated():
-    with pytest.raises(ValueError):
-        DecodingOptions(beam_size=0)
-    with pytest.raises(ValueError):
-        DecodingOptions(beam_size=2, n_best=3)
+@pytest.mark.parametrize("options, words", [
+    (dict(beam_size=0), "beam size must be an integer from 1 to 10, got 0"),
+    (dict(beam_size=100_000), "beam size must be an integer from 1 to 10"),
+    (dict(beam_size=2.5), "beam size must be an integer"),
+    (dict(max_length=1_000_000_000), "max length must be an integer from 1 to 60"),
+    (dict(beam_size=2, n_best=3), "n-best must be between 1 and the beam size (2), got 3"),
+    (dict(length_penalty=float("nan")), "length penalty must be from 0 to 5.0"),
+])
+def test_options_are_validated_with_the_bounds_of_the_http_api(options, words):
+    with pytest.raises(ValueError) as e:
+        DecodingOptions(**options)
+    assert words in str(e.value)
+    DecodingOptions(beam_size=10, n_best=10, max_length=60, length_penalty=5.0)  # the bounds themselves pass
 
 
 # --- the batched searches (which drop done images' rows) against a plain one-image, one-row-at-a-time search

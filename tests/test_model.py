@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from imcap.model import ModelConfig, ShowAttendTell, _energy_in_blocks, caption_loss, doubly_stochastic_penalty
+from imcap.model import ModelConfig, ShowAttendTell, caption_loss, doubly_stochastic_penalty
 from imcap.text import END, START
 
 B, P, D, V = 3, 6, 10, 17
@@ -128,8 +128,8 @@ def test_cell_equals_torch_cells_and_old_checkpoints_load(rnn):
 
 
 def test_attention_is_the_papers_tanh_mlp_and_old_score_biases_load():
-    """alpha = softmax(w^T tanh(W_a a + b + W_h h)), though computed with a sigmoid; a checkpoint from before the
-    score lost its (inert) bias loads."""
+    """alpha = softmax(w^T tanh(W_a a + b + W_h h)) (on the CPU computed with a sigmoid, fastpath.energies); a
+    checkpoint from before the score lost its (inert) bias loads."""
     model = tiny()
     features, _, _ = batch()
     h = torch.randn(B, 12)
@@ -139,28 +139,6 @@ def test_attention_is_the_papers_tanh_mlp_and_old_score_biases_load():
     assert torch.allclose(alpha, torch.softmax(e + 3.0, dim=1), atol=1e-6)  # any bias gives the same alpha
     old = {**model.state_dict(), "attention.score.bias": torch.tensor([0.7])}
     tiny().load_state_dict(old)
-
-
-def test_attention_without_autograd_computes_in_blocks_the_same_alpha():
-    """Decoding (no autograd) computes the energies a few images at a time (model._energy_in_blocks); the
-    blocks, the last one short, give what the whole (M, W, P, A) computation gives, for one and several rows
-    per image."""
-    model = tiny()
-    features, _, _ = batch()
-    memory = model.attend_memory(features)
-    w = 2 * model.attention.score.weight.T
-    for W in (1, 3):
-        h = torch.randn(B * W, 12)
-        context, alpha = model.attention(memory, h)  # autograd: the whole tensor
-        with torch.no_grad():
-            context_nb, alpha_nb = model.attention(memory, h)
-            hidden = 2 * model.attention.hidden_proj(h).view(B, W, 1, -1)
-            per_image = W * memory.projected[0].numel()  # W * P * A floats
-            for images in (1, 2, B - 1, B + 3):
-                e = _energy_in_blocks(memory.projected, hidden, w, block_floats=images * per_image)
-                assert torch.allclose(torch.softmax(e, dim=2).view(B * W, -1), alpha, atol=1e-6), (W, images)
-        assert torch.allclose(alpha_nb, alpha, atol=1e-6)
-        assert torch.allclose(context_nb, context, atol=1e-6)
 
 
 @pytest.mark.parametrize("grad", [False, True])
