@@ -6,10 +6,13 @@ Layout (docs/formats.md), under DATA_DIR/features/<encoder>-<size>/:
     index.json     encoder spec, N, P, D, failures
 Extraction is resumable: features are flushed before status marks them done, and status.u8 and
 index.json are replaced atomically, so a job killed at any moment never claims a row it did not write.
+features.f16 has its space reserved when the store is opened and rows are written with plain writes (never
+through the memory map), so a full disk is one line naming the store, never a SIGBUS.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +31,7 @@ from tqdm import tqdm
 
 from .distributed import Distributed
 from .encoders import EncoderSpec, ImageEncoder, build_encoder
-from .fileio import remove_stale_temporaries, write_bytes_atomic, write_json_atomic
+from .fileio import remove_stale_temporaries, write_bytes_atomic, write_error, write_json_atomic
 from .images import ImageError, load_image
 
 INDEX_VERSION = 1
@@ -102,9 +105,9 @@ def _mismatch(index: dict, want: dict) -> str | None:
 def _create(path: Path, index: dict) -> None:
     """Write an empty store; index.json comes last, so a store without it was never started."""
     path.mkdir(parents=True, exist_ok=True)
-    shape = (index["N"], index["P"], index["D"])
     tmp = path / "features.f16.tmp"
-    np.memmap(tmp, dtype=np.float16, mode="w+", shape=shape).flush()  # sparse file of zeros
+    with open(tmp, "wb") as f:
+        f.truncate(_store_bytes(index))  # a sparse file of zeros; open_for_writing reserves its space
     os.replace(tmp, path / "features.f16")
     write_bytes_atomic(path / "status.u8", bytes(index["N"]))
     write_json_atomic(path / "index.json", index)
@@ -115,8 +118,59 @@ def _remove(path: Path) -> None:
         (path / name).unlink(missing_ok=True)
 
 
+def _store_bytes(index: dict) -> int:
+    return index["N"] * index["P"] * index["D"] * 2  # float16
+
+
+def _unallocated(file: Path, size: int) -> int:
+    """Bytes of `file` (`size` long) that have no disk blocks yet: the holes of a sparse file."""
+    blocks = getattr(file.stat(), "st_blocks", None)
+    return size if blocks is None else max(0, size - blocks * 512)
+
+
+def _reserve(file: Path, size: int) -> None:
+    """Allocate every block of `file` now, holes included (a sparse store made by an older imcap too), so that
+    writing its rows cannot find the disk full; WriteError naming it, with the space needed and free, if it
+    does not fit. Where the file system cannot reserve, rows are still written with plain writes (_Rows)."""
+    if not hasattr(os, "posix_fallocate") or _unallocated(file, size) == 0:
+        return
+    fd = os.open(file, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)  # allocates only; data already written is kept
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # cannot reserve here: go on without
+            raise write_error(file, e, _unallocated(file, size)) from e
+    finally:
+        os.close(fd)
+
+
+class _Rows:
+    """features.f16 open for writing rows with plain writes: on a full disk (a file system that could not
+    reserve the space) they fail with an OSError, where a write through a memory map dies of SIGBUS."""
+
+    def __init__(self, file: Path, index: dict):
+        self.file, self.size = file, _store_bytes(index)
+        self.row_bytes = index["P"] * index["D"] * 2
+        self._f = open(file, "r+b", buffering=0)
+
+    def write(self, rows: Sequence[int], values: np.ndarray) -> None:
+        """values (len(rows), P, D) float16 into `rows`, on disk (fsync) when it returns; WriteError otherwise."""
+        try:
+            for row, value in zip(rows, values):
+                self._f.seek(row * self.row_bytes)
+                data = memoryview(value.tobytes())
+                while data:
+                    data = data[self._f.write(data):]
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise write_error(self.file, e, _unallocated(self.file, self.size)) from e
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def open_for_writing(path: Path, spec: EncoderSpec, files: Sequence[str], overwrite: bool = False):
-    """Create or reopen the store at `path` -> (features memmap r+ (N, P, D), status (N,) uint8, index dict)."""
+    """Create or reopen the store at `path`, with the space of features.f16 reserved -> (status (N,) uint8, index)."""
     want = _new_index(spec, files)
     if overwrite:
         _remove(path)
@@ -131,14 +185,13 @@ def open_for_writing(path: Path, spec: EncoderSpec, files: Sequence[str], overwr
             f"{path} was made for other images or another encoder ({problem}); "
             f"extract again with overwrite=True (imcap features --overwrite) to start over"
         )
-    shape = (index["N"], index["P"], index["D"])
     status = np.fromfile(path / "status.u8", dtype=np.uint8)
     size = (path / "features.f16").stat().st_size
-    if len(status) != index["N"] or size != index["N"] * index["P"] * index["D"] * 2:
+    if len(status) != index["N"] or size != _store_bytes(index):
         raise FeatureStoreError(f"{path}: status.u8 or features.f16 does not match index.json (a damaged store); "
                                 f"extract again with imcap features --overwrite")
-    features = np.memmap(path / "features.f16", dtype=np.float16, mode="r+", shape=shape)
-    return features, status, index
+    _reserve(path / "features.f16", size)
+    return status, index
 
 
 def _read_index(path: Path) -> dict:
@@ -222,7 +275,7 @@ def _record_failures(index: dict, batch: _Batch, files: Sequence[str]) -> bool:
 
 
 def _run(
-    encoder: ImageEncoder, batches: Iterator[_Batch], features: np.memmap, status: np.ndarray, commit: Callable, bar
+    encoder: ImageEncoder, batches: Iterator[_Batch], features: _Rows, status: np.ndarray, commit: Callable, bar
 ) -> tuple[int, float]:
     """Encode each decoded batch, write its rows, commit; -> (images encoded, seconds spent waiting for decoding)."""
     encoded, waited = 0, 0.0
@@ -235,8 +288,7 @@ def _run(
         if batch.rows:
             with torch.inference_mode():
                 a = encoder(batch.images)  # (B, P, D)
-            features[batch.rows] = a.numpy().astype(np.float16)
-            features.flush()  # on disk before status says so
+            features.write(batch.rows, a.numpy().astype(np.float16))  # on disk before status says so
             status[batch.rows] = DONE
             encoded += len(batch.rows)
         for row, _ in batch.failures:
@@ -261,7 +313,7 @@ def extract_features(
     image_size. Rows with status 0 (never done) or 2 (failed before) are processed; unreadable images get status 2
     and one line on stderr. threads: torch threads for the CNN (None: leave as is). Returns a summary dict.
 
-    Under torchrun each process encodes every world-th image still to do, into the same memory map (rows
+    Under torchrun each process encodes every world-th image still to do, into the same features.f16 (rows
     are disjoint); each keeps its own status file (status.rank<r>.u8) that rank 0 merges at the end, and
     at the start of any later run, so a killed distributed extraction resumes like a single one.
     """
@@ -278,7 +330,7 @@ def extract_features(
         open_for_writing(path, encoder.spec, files, overwrite)  # create (or check) the store first
         _merge_rank_status(path)
     dist.barrier()
-    features, status, index = open_for_writing(path, encoder.spec, files)
+    status, index = open_for_writing(path, encoder.spec, files)
     status_file = path / ("status.u8" if dist.world == 1 else f"status.rank{dist.rank}.u8")
     todo = dist.shard(np.flatnonzero(status != DONE))
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -294,10 +346,10 @@ def extract_features(
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc=path.name, disable=not progress or not dist.main, dynamic_ncols=True)
     batches = _prefetch(lambda rows: _load_batch(rows, paths, encoder.preprocess), chunks)
-    with _torch_threads(threads) as n_threads, bar, closing(batches):
-        encoded, waited = _run(encoder, batches, features, status, commit, bar)
+    rows = _Rows(path / "features.f16", index)
+    with _torch_threads(threads) as n_threads, bar, closing(batches), closing(rows):
+        encoded, waited = _run(encoder, batches, rows, status, commit, bar)
     seconds = time.perf_counter() - start
-    del features  # close the memory map
     if dist.world > 1:
         status, encoded = _finish_distributed(dist, path, index), int(dist.sum(encoded))
     failed = [f for f in index["failures"] if status[f["index"]] == FAILED]

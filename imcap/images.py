@@ -13,6 +13,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Refuse images with more pixels than this (decompression bombs); 8k x 8k photos still pass.
 MAX_PIXELS = 80_000_000
 
+# The only formats imcap opens (Pillow format ids; PPM covers PBM/PGM/PPM), all decoded by Pillow itself.
+# Anything else is refused before a decoder runs, whatever the file's name: EPS would hand the file to
+# Ghostscript (an external program), and the exotic decoders (PSD, FITS, ...) are attack surface for no use.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+NOT_AN_IMAGE = f"not a recognised image format (supported: {', '.join(FORMATS)})"
+
 
 class ImageError(Exception):
     """An image that cannot be used; str(error) is one line naming the file and the problem."""
@@ -70,16 +76,11 @@ def _decode(fileobj, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fileobj)
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"{name}: image too large ({w}x{h} pixels, limit {MAX_PIXELS:,}): possible decompression bomb")
+            img = open_header(fileobj, name)
             img.load()
             return img
     except ImageError:
         raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise bomb_error(name, e) from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -88,6 +89,20 @@ def _decode(fileobj, name: str) -> Image.Image:
         raise ImageError(f"{name}: not enough memory to decode this image") from None
     except Exception as e:  # noqa: BLE001 - a PIL plugin tripping over a corrupt file (EOFError, struct.error, ...)
         raise ImageError(f"{name}: corrupt image ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def open_header(fileobj, name: str) -> Image.Image:
+    """Image.open of a file or path limited to FORMATS, header read, nothing decoded; ImageError for another
+    format or for more than MAX_PIXELS. PIL's own errors (a corrupt header, a bomb) are left to the caller."""
+    try:
+        img = Image.open(fileobj, formats=FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: {NOT_AN_IMAGE}") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        img.close()
+        raise ImageError(f"{name}: image too large ({w}x{h} pixels, limit {MAX_PIXELS:,}): possible decompression bomb")
+    return img
 
 
 def bomb_error(name: str, e: Exception) -> ImageError:

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .fileio import atomic_path, write_json_atomic
+from .images import open_header
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 # Distinct hues, saturated enough to stand out on the light background.
@@ -404,7 +405,8 @@ def mean_grounding(results, records: list[dict], image_root: str | Path) -> dict
     for r, rec in zip(results, records):
         if not rec.get("objects"):
             continue
-        with Image.open(Path(image_root) / rec["file"]) as im:
+        path = Path(image_root) / rec["file"]
+        with open_header(path, str(path)) as im:  # the one image check: allowed formats only
             size = im.size
         g = grounding_score(r.tokens, r.alphas[: len(r.tokens)], rec["objects"], size)
         if g["score"] is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from .fileio import atomic_path
 
@@ -101,8 +101,11 @@ def heatmap_overlay(
 
     "heat": the image blended with the inferno colour map of the attention (dark where the model did not
     look, pale yellow where it looked most); "spotlight": the paper's look, the image kept where attention
-    is high and darkened elsewhere. `strength` in [0, 1] is how much the attention shows.
+    is high and darkened elsewhere. `strength` in [0, 1] is how much the attention shows. An image without
+    pixels (0 x N) comes back as it is.
     """
+    if 0 in image.size:
+        return image.convert("RGB")
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     m = upsample_attention(alpha, image.size, upscale)[..., None]  # (H, W, 1)
     if style == "heat":
@@ -132,9 +135,20 @@ def _fit_label(word: str, font, width: int) -> str:
     return word
 
 
+def fit_square(image: Image.Image, side: int) -> Image.Image:
+    """`image` resized to fit a side x side square, aspect kept, except that no side is made thinner than
+    side / 8 (at least 1 px): a 100000 x 1 strip becomes side x side/8, so its attention still shows. An image
+    without pixels becomes a white square."""
+    if 0 in image.size:
+        return Image.new("RGB", (side, side), _BACKGROUND)
+    scale, thinnest = side / max(image.size), max(1, side // 8)
+    size = tuple(min(side, max(thinnest, round(n * scale))) for n in image.size)
+    return image.convert("RGB").resize(size, Image.BICUBIC)
+
+
 def _tile(image: Image.Image, tile: int, alpha: np.ndarray | None, **overlay) -> Image.Image:
-    """A tile x tile picture: the image fitted inside (aspect kept), with the attention over it if given."""
-    thumb = ImageOps.contain(image.convert("RGB"), (tile, tile), Image.BICUBIC)
+    """A tile x tile picture: the image fitted inside (fit_square), with the attention over it if given."""
+    thumb = fit_square(image, tile)
     if alpha is not None:
         thumb = heatmap_overlay(thumb, alpha, **overlay)
     canvas = Image.new("RGB", (tile, tile), _BACKGROUND)
