@@ -96,8 +96,6 @@ class Captioner:
             spec = EncoderSpec.from_dict(meta["encoder"])
         except (TypeError, ValueError, KeyError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0]})") from None
-        if len(vocab) != model.config.vocab_size:
-            raise ckpt.CheckpointError(f"{path}: vocabulary has {len(vocab)} tokens, model expects {model.config.vocab_size}")
         meta["path"] = str(path)
         try:
             return cls(model, vocab, spec, meta, encoder, encoder_weights)

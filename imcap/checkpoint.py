@@ -11,7 +11,8 @@ A checkpoint with encoder weights says so in checkpoint.json ("encoder_weights":
 and is format version 2, so that an imcap that would ignore the file refuses it instead.
 
 It is written to `<dir>.tmp`, then swapped in with renames; `<dir>.old` is the previous one and is
-used if a kill landed between the two renames.
+used if a kill landed between the two renames. A write that fails (a full disk) removes `<dir>.tmp`, leaves
+the previous checkpoint as it was and raises a WriteError naming the file.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .fileio import write_json_atomic
+from .checks import shown
+from .fileio import write_error, write_json_atomic
 
 FORMAT = "imcap-checkpoint"
 VERSION = 2  # the newest version read; 1: decoder only, 2: may carry encoder weights
@@ -47,29 +49,48 @@ def save_checkpoint(
     encoder_weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write model weights, meta (JSON-able) and optionally optimizer + RNG state and fine-tuned encoder
-    weights to directory `path`."""
+    weights to directory `path`. WriteError (an OSError) naming the file when one cannot be written."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors")
+    files = {"model.safetensors": {k: v.detach().contiguous() for k, v in model.state_dict().items()}}
     meta = {"format": FORMAT, "version": 1, **meta}
     if encoder_weights is not None:
-        save_file(encoder_weights, tmp / ENCODER_FILE)
+        files[ENCODER_FILE] = encoder_weights
         meta.update(version=2, encoder_weights=ENCODER_FILE)
     if optimizer is not None:
         tensors, meta["optimizer"] = _flatten_optimizer(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, tmp / "optimizer.safetensors")
-    write_json_atomic(tmp / "checkpoint.json", meta)
-    _fsync_dir(tmp)
+        files["optimizer.safetensors"] = tensors
+    name = ""  # the file being written, for the message of a failure
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for name, part in files.items():
+            save_file(part, tmp / name)
+        name = "checkpoint.json"
+        write_json_atomic(tmp / name, meta)
+        _fsync_dir(tmp)
+        name = ""
+        _swap(tmp, path, old)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = sum(t.numel() * t.element_size() for part in files.values() for t in part.values())
+        raise write_error(path / name, e, needed) from e
+    return path
+
+
+def _swap(tmp: Path, path: Path, old: Path) -> None:
+    """Rename the finished `tmp` to `path`; the previous `path` is `old` meanwhile (put back if the rename fails)."""
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if old.is_dir() and not path.exists():
+            os.replace(old, path)
+        raise
     shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -80,8 +101,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
         raise CheckpointError(f"{path}: not a checkpoint (no checkpoint.json)")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_file}: malformed JSON ({e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise CheckpointError(f"{meta_file}: malformed JSON ({str(e).split(';')[0]})") from None
     except RecursionError:
         raise CheckpointError(f"{meta_file}: malformed JSON (nested too deeply)") from None
     except OSError as e:
@@ -113,14 +134,56 @@ def _validate(meta, meta_file: Path) -> None:
         value = meta.get("progress", {}).get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CheckpointError(f"{meta_file}: 'progress.{key}' must be an integer >= 0, got {str(value)[:40]!r}")
-    from .encoders import encoder_spec
-
-    encoder = meta["encoder"]
     try:
-        if encoder:  # an empty one is left to the consumers (Captioner.load: "inconsistent checkpoint")
-            encoder_spec(encoder.get("name"), encoder.get("image_size"))  # a known encoder at a valid size
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta_file}: bad 'encoder' ({str(e).splitlines()[0]})") from None
+        _check_model_sections(meta)
+    except ValueError as e:
+        raise CheckpointError(f"{meta_file}: {str(e).splitlines()[0]}") from None
+
+
+def _check_model_sections(meta: dict) -> None:
+    """Ranges and agreement of 'encoder', 'model_config' and 'vocab'; ValueError naming the key. Empty sections
+    are left to the consumers (Captioner.load: "inconsistent checkpoint")."""
+    from .encoders import check_image_size, encoder_spec
+    from .model import ModelConfig
+    from .text import Vocabulary
+
+    encoder, config, vocab = meta["encoder"], meta["model_config"], meta["vocab"]
+    spec = None
+    if encoder:
+        check_image_size(encoder.get("image_size"), "'encoder.image_size'")
+        try:
+            spec = encoder_spec(encoder.get("name"), encoder["image_size"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bad 'encoder' ({e})") from None
+        for key in ("grid", "feature_dim", "mean", "std"):  # what the name and size determine
+            want = spec.to_dict()[key]
+            if encoder.get(key) != want:
+                raise ValueError(f"'encoder.{key}' must be {want} for {spec.name} at {spec.image_size} pixels, "
+                                 f"got {shown(encoder.get(key))}")
+    if config:
+        try:
+            config = ModelConfig.from_dict(config)
+        except TypeError as e:
+            raise ValueError(f"bad 'model_config' ({e})") from None
+        config.validate("model_config.")
+        if spec is not None and config.feature_dim != spec.feature_dim:
+            raise ValueError(f"'model_config.feature_dim' must be the encoder's, {spec.feature_dim}, got {config.feature_dim}")
+    if vocab:
+        try:
+            vocab = Vocabulary.from_dict(vocab)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bad 'vocab' ({e})") from None
+        if config and config.vocab_size != len(vocab):
+            raise ValueError(f"'model_config.vocab_size' must be the vocabulary's size, {len(vocab)}, "
+                             f"got {config.vocab_size}")
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """model.load_state_dict(weights) (from the checkpoint at `path`); CheckpointError when they do not fit."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0]})") from None
 
 
 def load_encoder_weights(path: str | os.PathLike, meta: dict) -> dict[str, torch.Tensor] | None:
@@ -150,10 +213,15 @@ def ensemble_members(run_dir: str | os.PathLike) -> list[Path] | None:
         return None
     try:
         members = json.loads(file.read_text())["members"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{file}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) and m for m in members):
         raise CheckpointError(f"{file}: 'members' must list at least 2 run directories")
+    for m in members:  # subfolders, as a preset writes them (--ensemble takes runs anywhere), never ensembles
+        if PurePath(m).is_absolute() or not PurePath(m).parts or ".." in PurePath(m).parts:
+            raise CheckpointError(f"{file}: 'members' must be subfolders of {run_dir}, got {shown(m)}")
+        if (Path(run_dir) / m / ENSEMBLE_FILE).is_file():
+            raise CheckpointError(f"{file}: member {m!r} is an ensemble itself; list its member runs instead")
     return [Path(run_dir) / m for m in members]
 
 
@@ -168,6 +236,8 @@ def find_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:
                 return candidate
     if not run_dir.exists():
         raise CheckpointError(f"{run_dir}: no such run directory")
+    if (run_dir / ENSEMBLE_FILE).is_file():
+        raise CheckpointError(f"{run_dir}: an ensemble ({ENSEMBLE_FILE}) has no checkpoint of its own; name one of its member runs")
     raise CheckpointError(f"{run_dir}: no checkpoint in this directory (train first: imcap train DATA_DIR --out {run_dir})")
 
 

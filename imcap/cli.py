@@ -12,7 +12,47 @@ import os
 import sys
 from pathlib import Path
 
+from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_THREADS = 1024
+MAX_BATCH = 65_536  # images or captions per batch
+MAX_DIM = 16_384  # model sizes (embedding, state, attention)
+
+
+class UsageError(ValueError):
+    """Options that contradict each other or are out of range: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line: `imcap caption: error: argument --beam: ... (see --help)`."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bounded(kind: type, low: float, high: float | None = None, *, low_open: bool = False):
+    """An argparse type: a number of `kind` from `low` (excluded when low_open) to `high` (included)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text[:40]!r}") from None
+        above = value > low if low_open else value >= low
+        if not (above and (high is None or value <= high)):  # NaN fails both
+            lower = f"> {low}" if low_open else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {lower}" + (f" and <= {high:,}" if high is not None else "")
+                                             + f", got {text[:40]}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _count(low: int = 1, high: int | None = None):
+    return _bounded(int, low, high)
 
 
 def _threads(n: int | None) -> None:
@@ -68,7 +108,7 @@ def cmd_train(a) -> int:
         "attention": a.attention}.items() if v is not None}
     given = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__ if getattr(a, k, None) is not None}
     if "encoder_lr" in given and not given.get("finetune_blocks"):
-        raise ValueError("--encoder-lr needs --finetune-blocks N")
+        raise UsageError("--encoder-lr needs --finetune-blocks N")
     stages = [("", Path(a.out), model_config, given, a.features)]  # (label, RUN_DIR, model, train config, store)
     if a.preset:
         stages = _preset_stages(a, model_config, given)
@@ -101,7 +141,7 @@ def _preset_stages(a, model_config: dict, given: dict) -> list[tuple[str, Path, 
 
     preset = get_preset(a.preset)
     if given.get("objective") == "scst" or "init_from" in given:
-        raise ValueError(f"--preset {a.preset} runs its own stages; drop --objective/--init-from (or the preset)")
+        raise UsageError(f"--preset {a.preset} runs its own stages; drop --objective/--init-from (or the preset)")
     features = a.features or preset.features
     if not (Path(a.data_dir) / "features" / features).is_dir():
         raise ValueError(f"{a.data_dir}: preset {a.preset} trains on the feature store {features}, which is "
@@ -123,8 +163,11 @@ def _preset_stages(a, model_config: dict, given: dict) -> list[tuple[str, Path, 
 def _decoding(a):
     from .decoding import DecodingOptions
 
-    return DecodingOptions(beam_size=a.beam, max_length=a.max_length, length_penalty=a.length_penalty,
-                           n_best=getattr(a, "n_best", 1))
+    try:
+        return DecodingOptions(beam_size=a.beam, max_length=a.max_length, length_penalty=a.length_penalty,
+                               n_best=getattr(a, "n_best", 1))
+    except ValueError as e:  # e.g. --n-best over --beam
+        raise UsageError(str(e)) from None
 
 
 def cmd_evaluate(a) -> int:
@@ -132,8 +175,9 @@ def cmd_evaluate(a) -> int:
     from .evaluate import evaluate
 
     _threads(a.threads)
+    options = _decoding(a)  # a usage error before the model loads
     captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble])
-    report = evaluate(a.run_dir, a.data, split=a.split, options=_decoding(a), limit=a.limit, captioner=captioner)
+    report = evaluate(a.run_dir, a.data, split=a.split, options=options, limit=a.limit, captioner=captioner)
     if a.json:
         print(json.dumps(report["scores"]))
     else:
@@ -151,8 +195,8 @@ def cmd_caption(a) -> int:
     from .api import Captioner
 
     _threads(a.threads)
+    options = _decoding(a)  # a usage error before the model loads
     captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble])
-    options = _decoding(a)
     failed = 0
     if a.attention:
         Path(a.attention).mkdir(parents=True, exist_ok=True)
@@ -164,7 +208,7 @@ def cmd_caption(a) -> int:
             failed += r.error is not None
             _print_caption(r, a.json)
             if a.attention and r.error is None:
-                _save_attention(captioner, r, Path(a.attention))
+                failed += not _save_attention(captioner, r, Path(a.attention))
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -179,14 +223,28 @@ def _print_caption(r, as_json: bool) -> None:
             print(f"{'':{len(r.image)}}\t{alt.caption}\t{alt.score:.3f}", flush=True)
 
 
-def _save_attention(captioner, r, out_dir: Path) -> Path:
-    from .images import load_image
+def _save_attention(captioner, r, out_dir: Path) -> bool:
+    """Write OUT_DIR/<stem>.attention.png for caption `r`; False, after one error line naming the image and
+    the figure, when it cannot be made (the batch goes on)."""
+    from .images import ImageError, load_image
     from .visualize import save_attention_figure
 
     tokens = r.tokens + (["<end>"] if r.finished else [])
     path = out_dir / (Path(r.image).stem + ".attention.png")
-    save_attention_figure(path, load_image(r.image), tokens, r.alphas, caption=r.caption)
-    return path
+    try:
+        save_attention_figure(path, load_image(r.image), tokens, r.alphas, caption=r.caption)
+        return True
+    except (ImageError, OSError, ValueError, MemoryError) as e:
+        if os.environ.get("IMCAP_DEBUG"):
+            raise
+        if isinstance(e, ImageError):  # the image changed since it was captioned
+            problem = str(e).removeprefix(f"{Path(r.image)}: ")
+        elif isinstance(e, OSError):
+            problem = f"cannot write it ({e.strerror or e})"
+        else:  # PIL cannot draw it
+            problem = f"cannot draw it ({str(e) or type(e).__name__})"
+        print(f"imcap caption: error: {r.image}: attention figure {path}: {problem}", file=sys.stderr, flush=True)
+        return False
 
 
 def cmd_demo(a) -> int:
@@ -200,8 +258,6 @@ def cmd_serve(a) -> int:
     from .server import serve
 
     _threads(a.threads)
-    if a.max_upload_mb <= 0 or a.concurrency < 1 or a.queue < 0:
-        raise ValueError("--max-upload-mb must be > 0, --concurrency >= 1 and --queue >= 0")
     serve(a.run_dir, a.host, a.port, max_upload_bytes=int(a.max_upload_mb * 1_000_000), max_concurrency=a.concurrency,
           max_queue=a.queue, log_level="warning" if a.quiet else "info")
     return EXIT_OK
@@ -220,7 +276,7 @@ def cmd_download(a) -> int:
     for item in a.sha256 or []:
         name, sep, digest = item.partition("=")
         if not sep:
-            raise ValueError(f"--sha256 {item!r}: expected FILE=HEX")
+            raise UsageError(f"--sha256 {item!r}: expected FILE=HEX")
         overrides[name] = digest
     try:
         results = download(a.name, a.to, unpack=not a.no_unpack, sha256_overrides=overrides, progress=not a.quiet)
@@ -238,15 +294,15 @@ def cmd_download(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imcap", description="Show, Attend and Tell image captioning")
+    p = _Parser(prog="imcap", description="Show, Attend and Tell image captioning")
     p.add_argument("--version", action="version", version=f"imcap {__import__('imcap').__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("synth", help="write the synthetic scenes dataset (Karpathy JSON + images)")
     s.add_argument("out_dir", help="output folder")
-    s.add_argument("--images", type=int, default=1000, help="number of scenes")
+    s.add_argument("--images", type=_count(1, 10_000_000), default=1000, help="number of scenes")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same scenes)")
-    s.add_argument("--image-size", type=int, default=224, help="scene side in pixels")
+    s.add_argument("--image-size", type=_count(16, 4096), default=224, help="scene side in pixels")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("prepare", help="read a caption dataset, tokenize, split, build the vocabulary")
@@ -255,10 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", help="image folder, when not beside SOURCE")
     s.add_argument("--out", required=True, help="DATA_DIR to write")
     s.add_argument("--language", choices=["en", "zh", "space", "vi"], help="tokenizer (default: zh for aic, else en)")
-    s.add_argument("--min-count", type=int, default=5, help="words seen fewer times in train become <unk>")
-    s.add_argument("--max-length", type=int, default=30, help="words kept per caption for training")
-    s.add_argument("--val-fraction", type=float, default=0.1, help="share of images for val when the source has no split")
-    s.add_argument("--test-fraction", type=float, default=0.1, help="share of images for test when the source has no split")
+    s.add_argument("--min-count", type=_count(1), default=5, help="words seen fewer times in train become <unk>")
+    s.add_argument("--max-length", type=_count(1, 1000), default=30, help="words kept per caption for training")
+    s.add_argument("--val-fraction", type=_bounded(float, 0, 1), default=0.1, help="share of images for val when the source has no split")
+    s.add_argument("--test-fraction", type=_bounded(float, 0, 1), default=0.1, help="share of images for test when the source has no split")
     s.add_argument("--seed", type=int, default=0, help="seed of those splits")
     s.add_argument("--split", choices=["train", "val", "test"], help="put every image in this split")
     s.add_argument("--vocab", help="reuse this vocab.json instead of building one")
@@ -267,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("features", help="run the CNN over every image once and cache the grids")
     s.add_argument("data_dir", help="DATA_DIR written by prepare")
     s.add_argument("--encoder", default="efficientnet-lite0", choices=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"], help="pretrained CNN")
-    s.add_argument("--image-size", type=int, default=224, help="input side in pixels: 224 -> 7x7 grid, 448 -> 14x14")
-    s.add_argument("--batch-size", type=int, help="images per CNN batch (default 4: fastest on a 2-core CPU)")
+    s.add_argument("--image-size", type=_count(32, 4096), default=224, help="input side in pixels: 224 -> 7x7 grid, 448 -> 14x14")
+    s.add_argument("--batch-size", type=_count(1, 4096), help="images per CNN batch (default 4: fastest on a 2-core CPU)")
     s.add_argument("--overwrite", action="store_true", help="discard an existing store made differently")
     s.set_defaults(func=cmd_features)
 
@@ -276,40 +332,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data_dir", help="DATA_DIR with features")
     s.add_argument("--out", required=True, help="RUN_DIR for checkpoints and logs")
     s.add_argument("--features", help="feature store to use, e.g. efficientnet-lite0-224 (default: the only one)")
-    s.add_argument("--epochs", type=int, help="maximum epochs (default 20; may be raised when resuming)")
-    s.add_argument("--batch-size", type=int, help="captions per batch (default 64)")
-    s.add_argument("--lr", type=float, help="peak learning rate (default 4e-4)")
+    s.add_argument("--epochs", type=_count(1, 100_000), help="maximum epochs (default 20; may be raised when resuming)")
+    s.add_argument("--batch-size", type=_count(1, MAX_BATCH), help="captions per batch (default 64)")
+    s.add_argument("--lr", type=_bounded(float, 0, 10, low_open=True), help="peak learning rate (default 4e-4)")
     s.add_argument("--lr-schedule", choices=["cosine", "constant"], help="learning-rate schedule (default cosine)")
-    s.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 100)")
-    s.add_argument("--grad-clip", type=float, help="max gradient norm (default 5)")
-    s.add_argument("--alpha-c", type=float, help="doubly stochastic attention weight lambda (default 1)")
-    s.add_argument("--label-smoothing", type=float, help="label smoothing (default 0)")
-    s.add_argument("--patience", type=int, help="epochs without better val CIDEr before stopping (default 5; 0 never)")
-    s.add_argument("--val-beam", type=int, help="beam size of validation decoding (default 1: greedy)")
-    s.add_argument("--val-images", type=int, help="validate on at most N images (default all)")
-    s.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: epoch ends)")
+    s.add_argument("--warmup-steps", type=_count(0), help="linear warm-up steps (default 100)")
+    s.add_argument("--grad-clip", type=_bounded(float, 0, low_open=True), help="max gradient norm (default 5)")
+    s.add_argument("--alpha-c", type=_bounded(float, 0, 1000), help="doubly stochastic attention weight lambda (default 1)")
+    s.add_argument("--label-smoothing", type=_bounded(float, 0, 0.99), help="label smoothing (default 0)")
+    s.add_argument("--patience", type=_count(0), help="epochs without better val CIDEr before stopping (default 5; 0 never)")
+    s.add_argument("--val-beam", type=_count(1, MAX_BEAM_SIZE), help="beam size of validation decoding (default 1: greedy)")
+    s.add_argument("--val-images", type=_count(1), help="validate on at most N images (default all)")
+    s.add_argument("--checkpoint-every", type=_count(1), help="also checkpoint every N steps (default: epoch ends)")
     s.add_argument("--seed", type=int, help="seed of initialisation, batch order, dropout (default 0)")
     s.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's best weights (its model settings too)")
     s.add_argument("--objective", choices=["xe", "scst"], help="xe: cross-entropy (default); scst: self-critical "
                    "CIDEr-D fine-tuning (use with --init-from; --batch-size then counts images)")
-    s.add_argument("--scst-samples", type=int, help="SCST: captions sampled per image (default 5)")
+    s.add_argument("--scst-samples", type=_count(1, 100), help="SCST: captions sampled per image (default 5)")
     s.add_argument("--scst-baseline", choices=["greedy", "mean"], help="SCST reward baseline (default greedy)")
-    s.add_argument("--scst-max-length", type=int, help="SCST: words per sampled caption (default 20)")
+    s.add_argument("--scst-max-length", type=_count(1, MAX_LENGTH), help="SCST: words per sampled caption (default 20)")
     s.add_argument("--preset", help="a named recipe (imcap/presets.py): flickr8k, flickr8k-scst (cross-entropy in "
                    "RUN_DIR/xe, then SCST in RUN_DIR), or flickr8k-ensemble (two models in RUN_DIR/m1, m2, "
                    "decoded as one); flags given override its values")
-    s.add_argument("--scst-epochs", type=int, help="with --preset: epochs of the SCST stage (0: skip it)")
-    s.add_argument("--finetune-blocks", type=int, metavar="N", help="end to end: also train the encoder's last N "
+    s.add_argument("--scst-epochs", type=_count(0, 100_000), help="with --preset: epochs of the SCST stage (0: skip it)")
+    s.add_argument("--finetune-blocks", type=_count(1, 100), metavar="N", help="end to end: also train the encoder's last N "
                    "blocks + head conv on the images (needs --init-from; docs/finetune.md)")
-    s.add_argument("--encoder-lr", type=float, help="with --finetune-blocks: peak LR of those blocks (default 1e-4)")
-    s.add_argument("--embed-dim", type=int, help="word embedding size m (default 256)")
-    s.add_argument("--hidden-dim", type=int, help="recurrent state size n (default 512)")
-    s.add_argument("--attention-dim", type=int, help="attention MLP size (default 512)")
+    s.add_argument("--encoder-lr", type=_bounded(float, 0, 10, low_open=True), help="with --finetune-blocks: peak LR of those blocks (default 1e-4)")
+    s.add_argument("--embed-dim", type=_count(1, MAX_DIM), help="word embedding size m (default 256)")
+    s.add_argument("--hidden-dim", type=_count(1, MAX_DIM), help="recurrent state size n (default 512)")
+    s.add_argument("--attention-dim", type=_count(1, MAX_DIM), help="attention MLP size (default 512)")
     s.add_argument("--rnn", choices=["lstm", "gru"], help="recurrent cell (default lstm)")
     s.add_argument("--attention", choices=["soft", "hard"], help="soft (default) or hard: stochastic locations "
                    "trained with REINFORCE (paper section 4.1)")
-    s.add_argument("--hard-entropy-weight", type=float, help="hard attention: entropy bonus lambda_e (default 0.01)")
-    s.add_argument("--dropout", type=float, help="dropout before the output layer (default 0.5)")
+    s.add_argument("--hard-entropy-weight", type=_bounded(float, 0, 1000), help="hard attention: entropy bonus lambda_e (default 0.01)")
+    s.add_argument("--dropout", type=_bounded(float, 0, 0.99), help="dropout before the output layer (default 0.5)")
     s.add_argument("--no-gate", dest="gate", action="store_false", default=None, help="drop the gating scalar beta")
     s.add_argument("--no-deep-output", dest="deep_output", action="store_false", default=None, help="predict words from h alone")
     s.set_defaults(func=cmd_train)
@@ -318,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
                            ("caption", "caption image files")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("run_dir", help="RUN_DIR (its best checkpoint) or a checkpoint directory")
-        s.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
-        s.add_argument("--max-length", type=int, default=30, help="maximum words per caption")
-        s.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty exponent (0: none)")
+        s.add_argument("--beam", type=_count(1, MAX_BEAM_SIZE), default=3, help=f"beam size (1 = greedy; at most {MAX_BEAM_SIZE})")
+        s.add_argument("--max-length", type=_count(1, MAX_LENGTH), default=30, help=f"maximum words per caption (at most {MAX_LENGTH})")
+        s.add_argument("--length-penalty", type=_bounded(float, 0, MAX_LENGTH_PENALTY), default=0.0,
+                       help="GNMT length penalty exponent (0: none)")
         s.add_argument("--json", action="store_true", help="machine-readable output")
         s.add_argument("--ensemble", nargs="+", default=[], metavar="RUN_DIR",
                        help="decode with these runs too, averaging the models' word probabilities (same "
@@ -328,22 +385,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             s.add_argument("--data", help="DATA_DIR (default: the one the run was trained on)")
             s.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")
-            s.add_argument("--limit", type=int, default=0, help="score only the first N images")
+            s.add_argument("--limit", type=_count(0), default=0, help="score only the first N images")
             s.set_defaults(func=cmd_evaluate)
         else:
             s.add_argument("images", nargs="+", help="image files")
-            s.add_argument("--n-best", type=int, default=1, help="captions per image (<= beam)")
+            s.add_argument("--n-best", type=_count(1, MAX_BEAM_SIZE), default=1, help="captions per image (<= beam)")
             s.add_argument("--attention", metavar="OUT_DIR", help="write one attention figure per image here")
-            s.add_argument("--batch-size", type=int, default=16, help="images per batch")
+            s.add_argument("--batch-size", type=_count(1, 1024), default=16, help="images per batch")
             s.set_defaults(func=cmd_caption)
 
     s = sub.add_parser("serve", help="serve the HTTP API and the web page for a trained run")
     s.add_argument("run_dir", help="RUN_DIR (its best checkpoint) or a checkpoint directory")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port")
-    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (all images together)")
-    s.add_argument("--concurrency", type=int, default=1, help="requests captioned at the same time")
-    s.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 503 + Retry-After")
+    s.add_argument("--port", type=_count(0, 65535), default=8000, help="TCP port")
+    s.add_argument("--max-upload-mb", type=_bounded(float, 0, 100_000, low_open=True), default=10.0, help="largest request body in MB (all images together)")
+    s.add_argument("--concurrency", type=_count(1, 256), default=1, help="requests captioned at the same time")
+    s.add_argument("--queue", type=_count(0, 100_000), default=16, help="requests that may wait; more get 503 + Retry-After")
     s.set_defaults(func=cmd_serve)
 
     from .download import DATASETS
@@ -359,13 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="synth -> prepare -> features -> train -> evaluate -> caption, on synthetic scenes")
     s.add_argument("--out", default="demo-out", help="folder for everything the demo writes")
-    s.add_argument("--images", type=int, default=1200, help="number of synthetic scenes")
-    s.add_argument("--epochs", type=int, default=6, help="training epochs")
+    s.add_argument("--images", type=_count(10, 1_000_000), default=1200, help="number of synthetic scenes")
+    s.add_argument("--epochs", type=_count(1, 10_000), default=6, help="training epochs")
     s.add_argument("--seed", type=int, default=0, help="seed")
     s.set_defaults(func=cmd_demo)
 
     for s in sub.choices.values():
-        s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+        s.add_argument("--threads", type=_count(1, MAX_THREADS), help="torch threads (default: all cores)")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -388,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     try:
         return args.func(args)
+    except UsageError as e:
+        print(f"imcap {args.command}: error: {e} (see imcap {args.command} --help)", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # output piped into head & co.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

@@ -30,13 +30,13 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from .fileio import write_json_atomic
-from .images import MAX_PIXELS, ImageError, bomb_error, check_file
+from .fileio import write_error, write_json_atomic
+from .images import ImageError, bomb_error, check_file, open_header
 from .text import Tokenizer, Vocabulary, get_tokenizer
 
 FORMATS = ("karpathy", "coco", "flickr8k", "aic", "lines")
@@ -103,13 +103,33 @@ def _read_text(path: Path) -> str:
         raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def _read_json(path: Path):
+def _read_json(path: Path, slim: Callable[[list[tuple[str, Any]]], dict] | None = None):
+    """The parsed JSON of `path`. `slim` builds each object from its (key, value) pairs as it is parsed, leaving
+    out what the reader never uses, so that a large file is never held whole as Python objects."""
     try:
-        return json.loads(_read_text(path))
+        return json.loads(_read_text(path), object_pairs_hook=slim)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise DatasetError(f"{path}: not a caption file (JSON nested too deeply)") from None
+
+
+def _without(unused: frozenset[str]) -> Callable[[list[tuple[str, Any]]], dict]:
+    """A `slim` for _read_json: objects without the keys in `unused`."""
+    return lambda pairs: {k: v for k, v in pairs if k not in unused}
+
+
+def _slim_karpathy(pairs: list[tuple[str, Any]]) -> dict:
+    """A Karpathy object without its ids of sentences, and a sentence without its tokens when it has its raw text
+    (they are most of the file: prepare tokenizes the raw text itself)."""
+    d = {k: v for k, v in pairs if k not in _KARPATHY_UNUSED}
+    if isinstance(d.get("raw"), str):
+        d.pop("tokens", None)
+    return d
+
+
+_KARPATHY_UNUSED = frozenset({"imgid", "sentid", "sentids"})
+_COCO_UNUSED = frozenset({"license", "coco_url", "flickr_url", "date_captured", "height", "width"})
 
 
 def _get(obj: dict, key: str, types: type | tuple, path: Path, where: str):
@@ -134,7 +154,7 @@ def _stem(file: str) -> str:
 def read_karpathy(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]:
     """Read a Karpathy split JSON (dataset_coco.json, dataset_flickr8k.json, synthetic scenes)."""
     path = Path(path)
-    data = _read_json(path)
+    data = _read_json(path, _slim_karpathy)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path}: not a Karpathy split JSON (expected an object with an 'images' list)")
     records, problems, from_stem = [], [], []
@@ -179,7 +199,7 @@ def _karpathy_caption(sentence: dict, path: Path, where: str) -> str:
 def read_coco(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]:
     """Read a COCO caption JSON (captions_train2017.json, ...); splits are left to `prepare`."""
     path = Path(path)
-    data = _read_json(path)
+    data = _read_json(path, _without(_COCO_UNUSED))
     if not (isinstance(data, dict) and isinstance(data.get("images"), list)
             and isinstance(data.get("annotations"), list)):
         raise DatasetError(f"{path}: not a COCO caption JSON (expected an object with 'images' and 'annotations' lists)")
@@ -397,29 +417,28 @@ def _drop_unusable(records: list[ImageRecord], where: Path, counts: Counter, pro
 
 
 def _escapes_root(file: str) -> bool:
+    """True when a listed name leaves the image folder as written: empty, absolute, or up through `..`.
+    The check is on the name alone, against hostile dataset files; symlinks inside the folder are the user's
+    own (a photo collection linked in) and are followed wherever they point."""
     norm = posixpath.normpath(file.replace("\\", "/"))
     return not file.strip() or norm in (".", "..") or norm.startswith("../") or posixpath.isabs(norm)
 
 
 def probe_image(path: Path) -> None:
-    """Check that `path` opens as an image from its header alone (fast; a truncated body is not noticed:
-    the feature store marks such images failed). Raises ImageError with a one-line message."""
+    """Check that `path` opens as an image of images.FORMATS from its header alone (fast; a truncated body
+    is not noticed: the feature store marks such images failed). Raises ImageError with a one-line message."""
     check_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_header(path, str(path)) as img:
                 w, h = img.size
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not a recognised image format") from None
     except Image.DecompressionBombError as e:
         raise bomb_error(str(path), e) from None
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
-    if w * h > MAX_PIXELS:
-        raise ImageError(f"{path}: image too large ({w}x{h} pixels, limit {MAX_PIXELS:,}): possible decompression bomb")
     if w * h == 0:
         raise ImageError(f"{path}: unusable image size {w}x{h}")
 
@@ -457,6 +476,7 @@ def _tokenize(records: list[ImageRecord], tokenizer: Tokenizer, max_length: int,
               counts: Counter, problems: list, progress: bool) -> list[ImageRecord]:
     """Set each record's tokens; drop empty captions, then images left with none."""
     kept = []
+    words_seen: dict[str, str] = {}  # one string object per distinct word: 600k captions hold ~7M tokens
     for r in tqdm(records, desc="tokenizing", unit="img", disable=not progress, leave=False):
         captions, tokens = [], []
         for k, caption in enumerate(r.captions):
@@ -469,7 +489,7 @@ def _tokenize(records: list[ImageRecord], tokenizer: Tokenizer, max_length: int,
                 continue
             counts["truncated"] += len(words) > max_length
             captions.append(caption)
-            tokens.append(words[:max_length])
+            tokens.append([words_seen.setdefault(w, w) for w in words[:max_length]])
         if not captions:
             counts["without_captions"] += 1
             key = f"{r.key}: " if r.key else ""
@@ -582,7 +602,8 @@ def _write_outputs(out_dir: Path, dataset: dict, vocabulary: Vocabulary, report:
     """Write dataset.json, vocab.json and report.json as one: all three are written to a staging folder,
     which is renamed to COMMIT_DIR (the commit point), and then moved into place. A prepare that fails or
     is killed before the commit leaves a previous DATA_DIR as it was; one killed after it is completed by
-    the next reader (`_finish_commit`), so dataset.json and vocab.json always come from the same run."""
+    the next reader (`_finish_commit`), so dataset.json and vocab.json always come from the same run.
+    A write that fails (a full disk) is a WriteError naming the file as it would be in DATA_DIR."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _finish_commit(out_dir)
     for stale in out_dir.glob(".prepare-*.tmp"):  # left by a killed prepare
@@ -594,6 +615,11 @@ def _write_outputs(out_dir: Path, dataset: dict, vocabulary: Vocabulary, report:
         vocabulary.save(stage / "vocab.json")
         write_json_atomic(stage / "report.json", report, indent=1)
         os.replace(stage, out_dir / COMMIT_DIR)
+    except OSError as e:
+        written = Path(os.fspath(e.filename)) if e.filename is not None else stage
+        if not written.is_relative_to(stage):
+            raise
+        raise write_error(out_dir / written.relative_to(stage), e) from e  # not the staging folder's name
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     _finish_commit(out_dir)

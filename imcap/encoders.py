@@ -29,6 +29,7 @@ ENCODERS: dict[str, tuple[str, str, str]] = {
 }
 
 STRIDE = 32  # total downsampling of the EfficientNet trunk: grid = image_size / 32
+MAX_IMAGE_SIZE = 1024  # 32x32 grid; 224 (7x7) and 448 (14x14) are the sizes used
 FEATURE_DIM = 1280  # channels of the Lite head conv (the head is not width-scaled in Lite models)
 # The TF Lite weights expect (x * 255 - 127) / 128 for x in [0, 1].
 LITE_MEAN = (127 / 255,) * 3
@@ -67,10 +68,17 @@ def encoder_spec(name: str = "efficientnet-lite0", image_size: int = 224, weight
     """The spec of encoder `name` at `image_size`, without building it; ValueError for unknown name or bad size."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}: choose one of {', '.join(ENCODERS)}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < STRIDE or image_size % STRIDE:
-        raise ValueError(f"image size must be a multiple of {STRIDE} and at least {STRIDE} pixels, got {image_size!r}")
+    check_image_size(image_size)
     g = image_size // STRIDE
     return EncoderSpec(name, image_size, (g, g), FEATURE_DIM, LITE_MEAN, LITE_STD, RESIZE, weights)
+
+
+def check_image_size(image_size, name: str = "image size") -> None:
+    """ValueError "<name> must be ..." unless `image_size` is an input side the encoders take."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not STRIDE <= image_size <= MAX_IMAGE_SIZE \
+            or image_size % STRIDE:
+        raise ValueError(f"{name} must be a multiple of {STRIDE} from {STRIDE} to {MAX_IMAGE_SIZE} pixels, "
+                         f"got {str(image_size)[:40]}")
 
 
 def weights_path(name: str) -> str:

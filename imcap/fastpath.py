@@ -36,8 +36,11 @@ FORCE: bool | None = None
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """Whether the model, whose parameter `x` is, takes the fast path."""
-    return FORCE if FORCE is not None else x.device.type == "cpu"
+    """Whether the model, whose parameter `x` is, takes the fast path: on the CPU in float32, not under autocast
+    (mixed precision takes the plain path, whose ops autocast knows)."""
+    if FORCE is not None:
+        return FORCE
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
 # ------------------------------------------------------------------------------------- attention energies

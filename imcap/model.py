@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import require_choice, require_int, require_number
+
 from . import fastpath
 from .compat import upgrade_state_dict
 
@@ -56,8 +58,6 @@ class ModelConfig:
 
     def validate(self, where: str = "") -> "ModelConfig":
         """Self, or ValueError naming the first field out of range (prefixed by `where`, e.g. "model_config.")."""
-        from .checkpoint import require_choice, require_int, require_number
-
         require_int(where + "vocab_size", self.vocab_size, 1, self.MAX_VOCAB)
         for name in ("feature_dim", "embed_dim", "hidden_dim", "attention_dim"):
             require_int(where + name, getattr(self, name), 1, self.MAX_DIM)
@@ -125,10 +125,7 @@ class SoftAttention(nn.Module):
 class ShowAttendTell(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        for name, allowed in (("rnn", ("lstm", "gru")), ("attention", ("soft", "hard"))):
-            if getattr(config, name) not in allowed:
-                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, not {getattr(config, name)!r}")
-        self.config = c = config
+        self.config = c = config.validate()
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)  # E
         self.attention = SoftAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
         self.init_h = nn.Linear(c.feature_dim, c.hidden_dim)  # f_init_h

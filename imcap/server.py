@@ -7,15 +7,23 @@
     GET  /              the web page (imcap/web/: plain HTML/CSS/JS, nothing from the internet)
     GET  /openapi.json  the schema of all of this
 
-The model is loaded once. Captioning is CPU-bound: it runs in a pool of `max_concurrency` worker threads,
-at most `max_queue` requests wait for a worker, and any more get 503 with Retry-After.
+The model is loaded once and checked by captioning a blank image (`self_check`): a checkpoint that cannot
+caption never starts a server. Captioning is CPU-bound: it runs in a pool of `max_concurrency` worker
+threads, at most `max_queue` requests wait for a worker, and any more get 503 with Retry-After.
+
+What one request may ask for is bounded before any work is done (`Limits`, also in GET /v1/model): its cost,
+images x beam_size x max_length, at most `max_cost`; overlays for at most `max_overlay_images` images and at
+most `max_overlays` PNGs, counted as images x n_best x (max_length + 1); and a reply of at most
+`max_reply_bytes`, estimated from the options (`reply_bytes`). Retry-After is the cost of the work queued
+ahead times the measured seconds per cost unit, shared by the workers, at most `max_retry_after`.
 
 Errors are JSON, `{"error": "one-line message"}`: 413 for a request body over `max_upload_bytes` (counted
-while reading, not taken from Content-Length), 422 for an option out of range, 415 for a file that is not
-an image, 422 for an image that cannot be used (corrupt, truncated, decompression bomb), 503 when the
-queue is full. With several images the good ones are captioned: the response is 200 and a bad image gets
-an entry with `error` and its `status`; only when every image is bad is the whole request refused (415
-when none is a recognised image format, else 422). The server never opens a path named by a request.
+while reading, not taken from Content-Length), 422 for an option out of range or a request over one of the
+limits above, 415 for a file that is not an image, 422 for an image that cannot be used (corrupt, truncated,
+decompression bomb, or any failure while captioning it or drawing its overlays), 503 when the queue is full.
+With several images the good ones are captioned: the response is 200 and a bad image gets an entry with
+`error` and its `status`; only when every image is bad is the whole request refused (415 when none is a
+recognised image format, else 422). The server never opens a path named by a request.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import math
 import re
 import time
@@ -37,20 +46,25 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from . import __version__
 from .api import Caption, Captioner
+from .checkpoint import CheckpointError
 from .images import ImageError, open_image
-from .visualize import heatmap_overlay
+from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
+from .visualize import fit_square, heatmap_overlay
 
 WEB_DIR = Path(__file__).parent / "web"
-MAX_BEAM_SIZE = 10  # beam search cost grows with K; 10 is past the point where captions improve
-MAX_LENGTH = 60  # words per caption
-MAX_LENGTH_PENALTY = 5.0
-OVERLAY_SIDE = 256  # overlays are drawn on the image fitted in OVERLAY_SIDE x OVERLAY_SIDE pixels
+OVERLAY_SIDE = 160  # overlays are drawn on the image fitted in OVERLAY_SIDE x OVERLAY_SIDE pixels
+# Reply size, estimated from the options before captioning (reply_bytes); generous, so the estimate is an upper bound.
+OVERLAY_BYTES = 4 * OVERLAY_SIDE**2  # one overlay's data URL at most: an RGB PNG (<= 3 bytes a pixel) in base64 (x 4/3)
+ATTENTION_VALUE_BYTES = 7  # one attention number in the JSON: "0.1234,"
+WORD_BYTES = 80  # one word of a candidate: in `tokens`, in `caption`, and its share of the candidate's fields
+IMAGE_BYTES = 512  # one image's entry without its candidates (file name, size, ...), and its share of the rest
+MAX_RETRY_AFTER = 60  # seconds; a client that retries then gets a fresh estimate
 NOT_AN_IMAGE = "not a recognised image format"  # what images.open_image says of a non-image: 415, not 422
 # The page loads only its own files; images are blob: URLs of the user's files, overlays data: URLs.
 PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -122,8 +136,16 @@ class Limits(BaseModel):
     max_images: int = Field(description="images per request")
     max_beam_size: int
     max_length: int
+    max_cost: int = Field(description="cost budget of one request: images x beam_size x max_length must not exceed it")
+    max_overlay_images: int = Field(description="images per request with overlays=true")
+    max_overlays: int = Field(description="overlay PNGs per reply, counted before captioning as "
+                                          "images x n_best x (max_length + 1)")
+    overlay_side: int = Field(description="overlays fit in overlay_side x overlay_side pixels")
+    max_reply_bytes: int = Field(description="largest reply, estimated before captioning from the options: attention "
+                                             "numbers, overlays and words at their largest")
     max_concurrency: int = Field(description="requests captioned at the same time")
     max_queue: int = Field(description="requests that may wait; more get 503")
+    max_retry_after: int = Field(description="largest Retry-After, in seconds, of a 503")
 
 
 class ModelInfo(BaseModel):
@@ -150,8 +172,9 @@ ErrorResponse.model_rebuild()
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "request body over the upload limit"},
     415: {"model": ErrorResponse, "description": "no uploaded file is a recognised image format"},
-    422: {"model": ErrorResponse, "description": "an option out of range, no images, or no usable image "
-                                                 "(corrupt, truncated, decompression bomb)"},
+    422: {"model": ErrorResponse, "description": "an option out of range, no images, a request over the cost budget "
+                                                 "or the overlay or reply-size limits (GET /v1/model: limits), or no "
+                                                 "usable image (corrupt, truncated, decompression bomb)"},
     503: {"model": ErrorResponse, "description": "queue full; the Retry-After header says when to retry"},
 }
 
@@ -165,31 +188,41 @@ class QueueFull(Exception):
 
 
 class CaptionQueue:
-    """At most `max_concurrency` jobs run at once, in worker threads; at most `max_queue` wait for one."""
+    """At most `max_concurrency` jobs run at once, in worker threads; at most `max_queue` wait for one.
 
-    def __init__(self, max_concurrency: int, max_queue: int):
-        if max_concurrency < 1 or max_queue < 0:
-            raise ValueError(f"need max_concurrency >= 1 and max_queue >= 0, got {max_concurrency}, {max_queue}")
-        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+    Each job comes with its cost (request_cost); Retry-After is estimated from the cost queued ahead."""
+
+    def __init__(self, max_concurrency: int, max_queue: int, max_retry_after: int = MAX_RETRY_AFTER):
+        if max_concurrency < 1 or max_queue < 0 or max_retry_after < 1:
+            raise ValueError(f"need max_concurrency >= 1, max_queue >= 0 and max_retry_after >= 1, got "
+                             f"{max_concurrency}, {max_queue}, {max_retry_after}")
+        self.max_concurrency, self.max_queue, self.max_retry_after = max_concurrency, max_queue, max_retry_after
         self.running = 0
         self.waiting = 0
-        self.mean_seconds = 1.0  # moving average of a job's duration, for Retry-After
+        self.queued_cost = 0  # cost of the jobs running or waiting
+        self.seconds_per_cost = 1e-3  # moving average of a job's seconds per cost unit (a guess until the first job)
+        self._measured = False
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="imcap-caption")
         self._semaphore: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def retry_after(self) -> int:
-        """Seconds until the queue has probably drained enough to take one more request."""
-        return max(1, math.ceil((self.waiting + 1) * self.mean_seconds / self.max_concurrency))
+        """Seconds until the work queued now is probably done: its cost x seconds per cost unit / workers, capped."""
+        seconds = self.queued_cost * self.seconds_per_cost / self.max_concurrency
+        return min(self.max_retry_after, max(1, math.ceil(seconds)))
 
-    async def run(self, fn: Callable[..., T], *args) -> T:
+    async def run(self, cost: int, fn: Callable[..., T], *args) -> T:
         """fn(*args) in a worker thread; QueueFull when max_queue requests are already waiting."""
         semaphore = self._semaphore_for_this_loop()
         if semaphore.locked() and self.waiting >= self.max_queue:
             raise QueueFull(self.retry_after())
         self.waiting += 1
+        self.queued_cost += cost
         try:
             await semaphore.acquire()
+        except BaseException:
+            self.queued_cost -= cost
+            raise
         finally:
             self.waiting -= 1
         self.running += 1
@@ -198,8 +231,14 @@ class CaptionQueue:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
             self.running -= 1
-            self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - start)
+            self.queued_cost -= cost
+            self._measure((time.perf_counter() - start) / max(cost, 1))
             semaphore.release()
+
+    def _measure(self, seconds_per_cost: float) -> None:
+        weight = 0.2 if self._measured else 1.0  # the first job replaces the guess
+        self.seconds_per_cost += weight * (seconds_per_cost - self.seconds_per_cost)
+        self._measured = True
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -243,11 +282,55 @@ class BodyLimit:
         await self.app(scope, counting_receive, send)
 
 
+# ---------------------------------------------------------------------------------------- request limits
+
+
+def request_cost(n_images: int, options: CaptionOptions) -> int:
+    """What a request costs the worker: images x beam_size x max_length (the beam steps to run at most)."""
+    return n_images * options.beam_size * options.max_length
+
+
+def overlay_count(n_images: int, options: CaptionOptions) -> int:
+    """The most overlay PNGs a reply can hold: one per attention map of every candidate (<end> included)."""
+    return n_images * options.n_best * (options.max_length + 1) if options.overlays else 0
+
+
+def reply_bytes(n_images: int, options: CaptionOptions, grid: tuple[int, int]) -> int:
+    """An upper estimate of the reply's size from the options alone: every candidate at max_length words."""
+    maps = n_images * options.n_best * (options.max_length + 1)  # (T, h, w) per candidate, T <= max_length + 1
+    attention = maps * grid[0] * grid[1] * ATTENTION_VALUE_BYTES if options.attention else 0
+    return n_images * IMAGE_BYTES + maps * WORD_BYTES + attention + overlay_count(n_images, options) * OVERLAY_BYTES
+
+
+def over_limits(n_images: int, options: CaptionOptions, limits: Limits, grid: tuple[int, int]) -> str | None:
+    """Why a request of n_images with these options is refused before any work (one line), or None."""
+    cost = request_cost(n_images, options)
+    if cost > limits.max_cost:
+        return (f"request too costly: {n_images} images x beam_size {options.beam_size} x max_length "
+                f"{options.max_length} = {cost:,}, over the budget of {limits.max_cost:,}; send fewer images or "
+                f"lower beam_size or max_length")
+    if options.overlays and n_images > limits.max_overlay_images:
+        return (f"overlays: at most {limits.max_overlay_images} images per request with overlays=true, got "
+                f"{n_images}; send fewer images or set overlays=false")
+    overlays = overlay_count(n_images, options)
+    if overlays > limits.max_overlays:
+        return (f"overlays: up to {n_images} images x n_best {options.n_best} x (max_length {options.max_length} + 1)"
+                f" = {overlays:,} overlay images, over the limit of {limits.max_overlays:,}; lower n_best or "
+                f"max_length, send fewer images, or set overlays=false")
+    size = reply_bytes(n_images, options, grid)
+    if size > limits.max_reply_bytes:
+        return (f"reply too large: up to {size:,} bytes estimated, over the limit of {limits.max_reply_bytes:,}; "
+                f"lower n_best or max_length, send fewer images, or set attention or overlays to false")
+    return None
+
+
 # ------------------------------------------------------------------------------------------ captioning job
 
 
 def caption_uploads(captioner: Captioner, uploads: list[tuple[str, bytes]], options: CaptionOptions) -> list[ImageResult]:
-    """Decode the uploaded files and caption the ones that are images (runs in a worker thread)."""
+    """Decode the uploaded files and caption the ones that are images (runs in a worker thread). An image that
+    fails at any stage (decoding, captioning, drawing its overlays) gets its own entry with `error`, status 422
+    (415 if it is no image); the others are answered."""
     results: list[ImageResult | None] = [None] * len(uploads)
     images: dict[int, Image.Image] = {}
     for i, (name, data) in enumerate(uploads):
@@ -255,12 +338,47 @@ def caption_uploads(captioner: Captioner, uploads: list[tuple[str, bytes]], opti
             images[i] = open_image(io.BytesIO(data), name)
         except ImageError as e:
             results[i] = ImageResult(index=i, filename=name, status=_image_error_status(str(e)), error=str(e))
-    if images:
-        captions = captioner.caption(list(images.values()), beam_size=options.beam_size, n_best=options.n_best,
-                                     max_length=options.max_length, length_penalty=options.length_penalty)
-        for (i, image), c in zip(images.items(), captions):
-            results[i] = _image_result(i, uploads[i][0], image, c, options)
+        except Exception as e:  # noqa: BLE001 - not expected (open_image says ImageError), and this image's alone
+            results[i] = _failure(i, name, "cannot decode it", e)
+    for i, caption in _caption_all(captioner, images, options).items():
+        name = uploads[i][0]
+        if isinstance(caption, Exception):
+            results[i] = _failure(i, name, "cannot caption it", caption)
+            continue
+        try:
+            results[i] = _image_result(i, name, images[i], caption, options)
+        except Exception as e:  # noqa: BLE001 - drawing its overlays failed: this image only
+            results[i] = _failure(i, name, "cannot draw its attention overlays", e)
     return results
+
+
+def _caption_all(captioner: Captioner, images: dict[int, Image.Image],
+                 options: CaptionOptions) -> dict[int, Caption | Exception]:
+    """Caption the images as one batch; if that raises, one by one, so that an image that breaks it fails alone."""
+    def caption(batch: list[Image.Image]) -> list[Caption]:
+        return captioner.caption(batch, beam_size=options.beam_size, n_best=options.n_best,
+                                 max_length=options.max_length, length_penalty=options.length_penalty)
+
+    if not images:
+        return {}
+    try:
+        return dict(zip(images, caption(list(images.values()))))
+    except Exception as e:  # noqa: BLE001 - reported per image
+        if len(images) == 1:
+            return {i: e for i in images}
+    results: dict[int, Caption | Exception] = {}
+    for i, image in images.items():
+        try:
+            [results[i]] = caption([image])
+        except Exception as e:  # noqa: BLE001 - reported per image
+            results[i] = e
+    return results
+
+
+def _failure(index: int, name: str, what: str, e: Exception) -> ImageResult:
+    detail = (str(e).splitlines() or [""])[0][:200]
+    return ImageResult(index=index, filename=name, status=422,
+                       error=f"{name}: {what} ({type(e).__name__}{': ' + detail if detail else ''})")
 
 
 def _image_error_status(message: str) -> int:
@@ -270,7 +388,7 @@ def _image_error_status(message: str) -> int:
 def _image_result(index: int, name: str, image: Image.Image, best: Caption, options: CaptionOptions) -> ImageResult:
     if best.error is not None:  # open_image already decoded it, so this is not expected
         return ImageResult(index=index, filename=name, status=422, error=best.error)
-    small = ImageOps.contain(image, (OVERLAY_SIDE, OVERLAY_SIDE), Image.BICUBIC) if options.overlays else None
+    small = fit_square(image, OVERLAY_SIDE) if options.overlays else None
     candidates = [_candidate(c, small, options) for c in [best, *best.alternatives]]
     return ImageResult(index=index, filename=name, width=image.width, height=image.height,
                        caption=best.caption, captions=candidates)
@@ -286,10 +404,14 @@ def _candidate(c: Caption, small: Image.Image | None, options: CaptionOptions) -
     )
 
 
-def _png_data_url(image: Image.Image) -> str:
+def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def _png_data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(image)).decode("ascii")
 
 
 def _safe_name(filename: str | None, index: int) -> str:
@@ -297,6 +419,27 @@ def _safe_name(filename: str | None, index: int) -> str:
     name = re.split(r"[\\/]", filename or "")[-1]
     name = "".join(ch for ch in name if ch.isprintable())[:120]
     return name or f"<image {index}>"
+
+
+# ---------------------------------------------------------------------------------------------- self-check
+
+# Every code path of a reply: beam search, an n-best list, attention grids and overlays.
+SELF_CHECK = CaptionOptions(beam_size=2, n_best=2, max_length=4, length_penalty=0.0, attention=True, overlays=True)
+
+
+def self_check(captioner: Captioner) -> None:
+    """Caption a small blank image as a request would; CheckpointError, naming the checkpoint, if that fails or
+    gives a reply that is not valid JSON (NaN scores), so that a model that cannot caption is never served."""
+    name = "blank.png"
+    [result] = caption_uploads(captioner, [(name, _png_bytes(Image.new("RGB", (48, 32), (127, 127, 127))))], SELF_CHECK)
+    problem = result.error and result.error.removeprefix(f"{name}: ")
+    if problem is None:
+        try:
+            json.dumps(result.model_dump(), allow_nan=False)
+        except ValueError as e:
+            problem = f"its reply is not valid JSON ({e})"
+    if problem is not None:
+        raise CheckpointError(f"{captioner.meta.get('path', 'model')}: self-check on a blank image failed: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -374,13 +517,26 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(captioner: Captioner, *, max_upload_bytes: int = 10_000_000, max_concurrency: int = 1,
-               max_queue: int = 16, max_images: int = 16) -> FastAPI:
-    """The FastAPI app serving `captioner` (its encoder is built now, so the first request is not slow)."""
-    captioner.encoder  # noqa: B018 - build the CNN once, at start-up
-    queue = CaptionQueue(max_concurrency, max_queue)
+               max_queue: int = 16, max_images: int = 16, max_cost: int = 2_400, max_overlay_images: int = 4,
+               max_overlays: int = 128, max_reply_bytes: int = 16_000_000,
+               max_retry_after: int = MAX_RETRY_AFTER) -> FastAPI:
+    """The FastAPI app serving `captioner`. Its encoder is built now, so the first request is not slow, and a
+    blank image is captioned (self_check): CheckpointError if the model cannot caption.
+
+    max_cost: the budget of images x beam_size x max_length per request (the default, 2,400, takes 16 images at
+    the default beam 3 and length 30, or 4 at the largest beam and length)."""
+    if max_cost < 1 or max_reply_bytes < 1 or max_overlay_images < 0 or max_overlays < 0:
+        raise ValueError(f"need max_cost >= 1, max_reply_bytes >= 1, max_overlay_images >= 0 and max_overlays >= 0, "
+                         f"got {max_cost}, {max_reply_bytes}, {max_overlay_images}, {max_overlays}")
     limits = Limits(max_upload_bytes=max_upload_bytes, max_images=max_images, max_beam_size=MAX_BEAM_SIZE,
-                    max_length=MAX_LENGTH, max_concurrency=max_concurrency, max_queue=max_queue)
+                    max_length=MAX_LENGTH, max_cost=max_cost, max_overlay_images=max_overlay_images,
+                    max_overlays=max_overlays, overlay_side=OVERLAY_SIDE, max_reply_bytes=max_reply_bytes,
+                    max_concurrency=max_concurrency, max_queue=max_queue, max_retry_after=max_retry_after)
+    queue = CaptionQueue(max_concurrency, max_queue, max_retry_after)
+    captioner.encoder  # noqa: B018 - build the CNN once, at start-up
+    self_check(captioner)
     info = model_info(captioner, limits)
+    grid = captioner.encoder_spec.grid
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -389,7 +545,11 @@ def create_app(captioner: Captioner, *, max_upload_bytes: int = 10_000_000, max_
 
     app = FastAPI(title="imcap", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Show, Attend and Tell image captioning: captions, n-best lists and per-word "
-                              "attention maps. Errors are JSON objects with an `error` message.")
+                              "attention maps. Errors are JSON objects with an `error` message. A request costs "
+                              "images x beam_size x max_length, at most `limits.max_cost` (GET /v1/model); overlays "
+                              "are drawn for at most `limits.max_overlay_images` images and `limits.max_overlays` "
+                              "PNGs (images x n_best x (max_length + 1)); the reply, estimated from the options, "
+                              "is at most `limits.max_reply_bytes`. Over any of these: 422, before any work.")
     app.state.captioner, app.state.queue, app.state.info = captioner, queue, info
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
     _install_error_handlers(app)
@@ -405,22 +565,27 @@ def create_app(captioner: Captioner, *, max_upload_bytes: int = 10_000_000, max_
         overlays: Annotated[bool, Form(description="include per-word heat-map overlays (PNG data URLs)")] = False,
     ) -> CaptionsResponse | JSONResponse:
         """Caption each uploaded image. A bad image among good ones gets an `error` entry (status 200);
-        when every image is bad the request fails with 415 (none is an image) or 422."""
+        when every image is bad the request fails with 415 (none is an image) or 422. 422 before any work for
+        a request over the limits: images x beam_size x max_length over `max_cost`, overlays for more than
+        `max_overlay_images` images or more than `max_overlays` PNGs, an estimated reply over `max_reply_bytes`."""
         if n_best > beam_size:
             raise HTTPException(422, f"n_best: must be at most beam_size ({beam_size}), got {n_best}")
         if len(images) > max_images:
             raise HTTPException(422, f"images: too many ({len(images)}); at most {max_images} per request")
         options = CaptionOptions(beam_size=beam_size, n_best=n_best, max_length=max_length,
                                  length_penalty=length_penalty, attention=attention, overlays=overlays)
+        refusal = over_limits(len(images), options, limits, grid)
+        if refusal is not None:
+            raise HTTPException(422, refusal)
         uploads = [(_safe_name(f.filename, i), await f.read()) for i, f in enumerate(images)]
         start = time.perf_counter()
-        results = await queue.run(caption_uploads, captioner, uploads, options)
+        results = await queue.run(request_cost(len(uploads), options), caption_uploads, captioner, uploads, options)
         if all(r.error is not None for r in results):
             statuses = {r.status for r in results}
             status = statuses.pop() if len(statuses) == 1 else 422
             message = results[0].error if len(results) == 1 else "no image could be captioned: " + "; ".join(r.error for r in results)
             return _error(status, message, results=[r.model_dump() for r in results])
-        return CaptionsResponse(options=options, grid=captioner.encoder_spec.grid,
+        return CaptionsResponse(options=options, grid=grid,
                                 seconds=round(time.perf_counter() - start, 4), results=results)
 
     @app.get("/v1/model", response_model=ModelInfo, tags=["model"])
@@ -442,14 +607,17 @@ def create_app(captioner: Captioner, *, max_upload_bytes: int = 10_000_000, max_
     return app
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_upload_bytes: int = 10_000_000,
-          max_concurrency: int = 1, max_queue: int = 16, log_level: str = "info") -> None:
-    """Load RUN_DIR once and serve the API and the page with uvicorn until interrupted."""
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+          **limits: int) -> None:
+    """Load RUN_DIR once, check that it captions, and serve the API and the page with uvicorn until interrupted.
+
+    limits: create_app's keyword arguments (max_upload_bytes, max_concurrency, max_queue, max_images, max_cost,
+    max_overlay_images, max_overlays, max_reply_bytes, max_retry_after). CheckpointError, before listening,
+    for a checkpoint that does not load or cannot caption a blank image."""
     import uvicorn
 
     captioner = Captioner.load(run_dir)
-    app = create_app(captioner, max_upload_bytes=max_upload_bytes, max_concurrency=max_concurrency,
-                     max_queue=max_queue)
+    app = create_app(captioner, **limits)
     info = app.state.info
     print(f"imcap: serving {info.name} ({info.encoder.name}, {info.vocab_size} words) "
           f"on http://{host if ':' not in host else f'[{host}]'}:{port}/", flush=True)

@@ -11,9 +11,11 @@ images with the top encoder blocks in training, instead of from the store; every
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,12 +26,13 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .checks import require_choice, require_int, require_number
 from .datasets import load_dataset, load_vocab
-from .decoding import DecodingOptions, decode
+from .decoding import MAX_BEAM_SIZE, MAX_LENGTH, DecodingOptions, decode
 from .distributed import Distributed
 from .encoders import ImageEncoder
 from .features import FeatureStore
-from .fileio import remove_stale_temporaries, write_jsonl_atomic
+from .fileio import remove_stale_temporaries, write_error, write_jsonl_atomic
 from .metrics import validation_scores
 from .model import ModelConfig, ShowAttendTell, caption_loss
 from .scst import reward_references, scst_loss
@@ -72,6 +75,27 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def validate(self, where: str = "") -> "TrainConfig":
+        """Self, or ValueError naming the first field out of range (prefixed by `where`, e.g. "train_config.")."""
+        many = 10**9
+        for name, low, high in (("epochs", 0, many), ("batch_size", 1, many), ("warmup_steps", 0, many),
+                                ("patience", 0, many), ("val_beam", 1, MAX_BEAM_SIZE), ("val_max_length", 1, MAX_LENGTH),
+                                ("val_images", 0, many), ("checkpoint_every", 0, many), ("seed", 0, 2**32 - 1),
+                                ("scst_samples", 1, 1000), ("scst_max_length", 1, MAX_LENGTH), ("finetune_blocks", 0, 1000)):
+            require_int(where + name, getattr(self, name), low, high)
+        for name, high, open_high in (("lr", math.inf, True), ("min_lr_ratio", 1, False), ("weight_decay", math.inf, True),
+                                      ("grad_clip", math.inf, True), ("alpha_c", math.inf, True),
+                                      ("label_smoothing", 1, True), ("hard_reinforce_weight", math.inf, True),
+                                      ("hard_entropy_weight", math.inf, True), ("hard_baseline_decay", 1, False),
+                                      ("encoder_lr", math.inf, True)):
+            require_number(where + name, getattr(self, name), 0, high, open_high=open_high)
+        for name, choices in (("lr_schedule", ("cosine", "constant")), ("objective", ("xe", "scst")),
+                              ("scst_baseline", ("greedy", "mean")), ("group_by_image", (True, False))):
+            require_choice(where + name, getattr(self, name), choices)
+        if not isinstance(self.init_from, str):
+            raise ValueError(f"'{where}init_from' must be a run directory, got {str(self.init_from)[:40]!r}")
+        return self
 
 
 @dataclass
@@ -203,9 +227,9 @@ class Trainer:
         else:
             self.cfg = train_config or TrainConfig()
             overrides = dict(model_config or {})
-            self.model_config = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.store.spec.feature_dim, **overrides)
-        if self.cfg.objective not in ("xe", "scst"):
-            raise ValueError(f"objective must be 'xe' or 'scst', not {self.cfg.objective!r}")
+            self.model_config = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.store.spec.feature_dim,
+                                            **overrides).validate()
+        self.cfg.validate()
         self.init_encoder_weights: dict[str, torch.Tensor] | None = None  # set by _initial_weights
         init = self._initial_weights() if not saved and self.cfg.init_from else None
         torch.manual_seed(self.cfg.seed)
@@ -232,9 +256,9 @@ class Trainer:
                                         for i in self.train_images.tolist()]) if self.cfg.objective == "scst" else None
         self.progress = Progress()
         if init is not None:
-            self.model.load_state_dict(init)
+            ckpt.load_weights(self.model, init, ckpt.find_checkpoint(self.cfg.init_from))
         if saved:
-            self.model.load_state_dict(saved[1])
+            ckpt.load_weights(self.model, saved[1], self.out_dir / "checkpoint")
             ckpt.load_training_state(self.out_dir / "checkpoint", self.optimizer, saved[0])
             self.progress = Progress(**saved[0]["progress"])
             self.log(f"resuming {self.out_dir} at epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
@@ -255,7 +279,7 @@ class Trainer:
         if meta["vocab"]["tokens"] != self.vocab.tokens:
             raise ValueError(f"{self.cfg.init_from}: its vocabulary differs from {self.data_dir}/vocab.json")
         if meta["encoder"] != self.store.spec.to_dict():
-            raise ValueError(f"{self.cfg.init_from}: trained on other features ({meta['data']['features']}) "
+            raise ValueError(f"{self.cfg.init_from}: trained on other features ({meta.get('data', {}).get('features')}) "
                              f"than {self.store.path.name}; pass --features")
         self.model_config = ModelConfig.from_dict(meta["model_config"])
         self.log(f"starting from the weights of {self.cfg.init_from}")
@@ -465,6 +489,31 @@ def _check_resumable(path: Path, meta: dict) -> None:
     unknown = set(meta["progress"]) - set(Progress.__dataclass_fields__)
     if unknown:
         raise ckpt.CheckpointError(f"{path}/checkpoint.json: unknown progress keys {', '.join(sorted(unknown))}")
+    try:
+        TrainConfig.from_dict(meta["train_config"]).validate("train_config.")
+        _check_progress(meta["progress"])
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{path}/checkpoint.json: {e}") from None
+
+
+def _check_progress(progress: dict) -> None:
+    """What training reads from a saved Progress beyond the counters load_checkpoint checks; ValueError naming the key."""
+    history, epoch = progress.get("history", []), progress.get("epoch", 0)
+    if not isinstance(history, list) or len(history) != epoch or not all(
+            isinstance(h, dict) and isinstance(h.get("val"), dict) for h in history):
+        raise ValueError(f"'progress.history' must be a list of {epoch} epoch records (objects with 'val'), "
+                         f"got {str(history)[:40]!r}")
+    require_int("progress.best_epoch", progress.get("best_epoch", -1), -1, len(history))
+    require_int("progress.epochs_since_best", progress.get("epochs_since_best", 0), 0, 10**9)
+    require_int("progress.epoch_seen", progress.get("epoch_seen", 0), 0, 10**18)
+    require_number("progress.best_cider", progress.get("best_cider", -1.0), -math.inf, math.inf)
+    for key in ("epoch_loss_sum", "epoch_seconds"):  # NaN allowed: a diverged epoch's loss
+        value = progress.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"'progress.{key}' must be a number, got {str(value)[:40]!r}")
+    parts = progress.get("epoch_part_sums", {})
+    if not isinstance(parts, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in parts.values()):
+        raise ValueError(f"'progress.epoch_part_sums' must map names to numbers, got {str(parts)[:40]!r}")
 
 
 def _train_images(images: list[dict], store: FeatureStore) -> torch.Tensor:
@@ -481,9 +530,57 @@ def _split_store_name(name: str | None) -> tuple[str | None, int | None]:
     return encoder, int(size)
 
 
-def _tensorboard(path: Path, step: int):
+def _tensorboard(path: Path, step: int) -> _TensorBoard | None:
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        import torch.utils.tensorboard  # noqa: F401
     except ImportError:  # tensorboard is optional at run time
         return None
-    return SummaryWriter(str(path), purge_step=step or None)
+    return _TensorBoard(path, step)
+
+
+class _TensorBoard:
+    """TensorBoard's SummaryWriter for RUN_DIR/tb, where a write that fails (a full disk) stops TensorBoard with
+    one warning line instead of ending training. TensorBoard writes in a thread, which prints its error as a
+    traceback before the next call raises it here: while this writer is open that copy is kept quiet."""
+
+    def __init__(self, path: Path, step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path, self.writer = path, None
+        self._previous_hook, threading.excepthook = threading.excepthook, self._quiet
+        try:
+            self.writer = SummaryWriter(str(path), purge_step=step or None)
+        except OSError as e:
+            self._stop(e)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._call("add_scalar", tag, value, step)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
+        if threading.excepthook == self._quiet:
+            threading.excepthook = self._previous_hook
+
+    def _call(self, method: str, *args) -> None:
+        if self.writer is None:  # stopped
+            return
+        try:
+            getattr(self.writer, method)(*args)
+        except OSError as e:
+            self._stop(e)
+
+    def _stop(self, error: OSError) -> None:
+        """Warn once and write no more."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()
+        print(f"imcap train: warning: {write_error(self.path, error)}; TensorBoard logging stopped", file=sys.stderr)
+
+    def _quiet(self, args) -> None:
+        ours = type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)
+        if not ours:
+            self._previous_hook(args)

@@ -73,7 +73,7 @@ def test_an_ensemble_needs_the_same_features(run_dir, capsys, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(run_dir / "run", other)
     meta = json.loads((other / "best/checkpoint.json").read_text())
-    meta["encoder"]["image_size"] = 256
+    meta["encoder"].update(image_size=256, grid=[8, 8])  # another valid store: the decoder fits any grid
     (other / "best/checkpoint.json").write_text(json.dumps(meta))
     assert main(["evaluate", str(run_dir / "run"), "--ensemble", str(other), "--split", "test"]) == 1
     err = capsys.readouterr().err
@@ -117,3 +117,36 @@ def test_prepare_reports_a_malformed_file_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "captions.json" in err
 
+
+
+def _exit_status(argv: list[str]) -> int:
+    """main(argv)'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["caption", "RUN", "a.jpg", "--beam", "100000"], "argument --beam: must be >= 1 and <= 10, got 100000"),
+    (["caption", "RUN", "a.jpg", "--max-length", "1000000000"], "argument --max-length: must be >= 1 and <= 60"),
+    (["caption", "RUN", "a.jpg", "--beam", "0"], "argument --beam: must be >= 1"),
+    (["caption", "RUN", "a.jpg", "--beam", "9" * 5000], "argument --beam: expected an integer"),
+    (["caption", "RUN", "a.jpg", "--length-penalty", "nan"], "argument --length-penalty: must be >= 0"),
+    (["caption", "RUN", "a.jpg", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["caption", "RUN", "a.jpg", "--beam", "3", "--n-best", "5"], "n-best must be between 1 and the beam size (3), got 5"),
+    (["evaluate", "RUN", "--beam", "11"], "argument --beam: must be >= 1 and <= 10"),
+    (["train", "DATA", "--out", "RUN", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["train", "DATA", "--out", "RUN", "--dropout", "nan"], "argument --dropout: must be >= 0 and <= 0.99, got nan"),
+    (["train", "DATA", "--out", "RUN", "--hidden-dim", "100000000"], "argument --hidden-dim: must be >= 1 and <= 16,384"),
+    (["train", "DATA", "--out", "RUN", "--encoder-lr", "1e-4"], "--encoder-lr needs --finetune-blocks N"),
+    (["serve", "RUN", "--concurrency", "0"], "argument --concurrency: must be >= 1"),
+    (["serve", "RUN", "--port", "70000"], "argument --port: must be >= 0 and <= 65,535"),
+    (["demo", "--threads", "0"], "argument --threads: must be >= 1"),
+])
+def test_usage_errors_exit_2_with_one_line_before_anything_is_loaded(tmp_path, argv, words, capsys):
+    argv = [str(tmp_path / a) if a in ("RUN", "DATA") else a for a in argv]  # neither exists: a usage error comes first
+    assert _exit_status(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and err.startswith(f"imcap {argv[0]}: error: ")
+    assert "Traceback" not in err and f"see imcap {argv[0]} --help" in err
