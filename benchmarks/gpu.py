@@ -4,7 +4,7 @@
     python benchmarks/gpu.py --device cpu          # a smoke run of the same code with small sizes (CI runs it)
 
 Sections (each one's failure is recorded and the others still run):
-    tests     the device tests (tests/test_cuda.py, tests/test_device.py) on this device, when pytest is there
+    tests     the device tests (tests/test_cuda*.py, tests/test_device.py) on this device, when pytest is there
     parity    the same random model on the CPU and on the device: teacher-forced logits in fp32 and bf16
               autocast (max abs difference), greedy and beam-3 captions on a fixed set (share identical)
     train     paper-scale training steps (196 x 2048 features, 512/512/512, vocabulary 10,000) at batch 32 and
@@ -84,7 +84,7 @@ def section_tests(args, device: torch.device) -> dict:
     except ImportError:
         return {"skipped": "pytest is not installed here"}
     env = {**os.environ, "IMCAP_TEST_DEVICE": str(device)}
-    files = [str(REPO / "tests" / name) for name in ("test_cuda.py", "test_device.py")]
+    files = [str(REPO / "tests" / "test_device.py"), *map(str, sorted((REPO / "tests").glob("test_cuda*.py")))]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     last = (out.stdout.strip().splitlines() or [""])[-1]

@@ -41,3 +41,17 @@ def tiny_data(tmp_path_factory) -> Path:
     extract_features(root / "data", encoder=build_encoder("efficientnet-lite0", 64, pretrained=False),
                      image_size=64, progress=False)
     return root / "data"
+
+
+@pytest.fixture
+def accelerator() -> torch.device:
+    """$IMCAP_TEST_DEVICE, else CUDA when torch sees it; skipped, saying so, on a machine with neither.
+    benchmarks/gpu.py runs the tests that take it on the GPU (tests/test_cuda*.py); with IMCAP_TEST_DEVICE=cpu
+    they run on the CPU against the CPU, which checks the tests themselves (CI, through gpu.py --device cpu)."""
+    name = os.environ.get("IMCAP_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
+    if not name:
+        pytest.skip("no accelerator: set IMCAP_TEST_DEVICE or run on a CUDA machine (benchmarks/gpu.py does)")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"IMCAP_TEST_DEVICE={name}, but torch {torch.__version__} sees no CUDA device")
+    return device

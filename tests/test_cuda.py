@@ -1,11 +1,5 @@
-"""The model, the searches and checkpoints on an accelerator, against the CPU.
-
-They run on $IMCAP_TEST_DEVICE (benchmarks/gpu.py sets it), else on CUDA when torch sees it; on a machine
-with neither they are skipped, saying so. `IMCAP_TEST_DEVICE=cpu pytest tests/test_cuda.py` runs them on the
-CPU against the CPU, which checks the tests themselves (CI does this through benchmarks/gpu.py --device cpu).
-"""
-
-import os
+"""The model, the searches and checkpoints on an accelerator (the `accelerator` fixture of conftest.py), against
+the CPU."""
 
 import pytest
 import torch
@@ -15,21 +9,6 @@ from imcap.checkpoint import load_checkpoint, save_checkpoint
 from imcap.decoding import DecodingOptions, decode
 from imcap.model import ModelConfig, ShowAttendTell, caption_loss
 from imcap.text import END, START
-
-
-def _device() -> torch.device:
-    name = os.environ.get("IMCAP_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
-    if not name:
-        pytest.skip("no accelerator: set IMCAP_TEST_DEVICE or run on a CUDA machine (benchmarks/gpu.py does)")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        pytest.fail(f"IMCAP_TEST_DEVICE={name}, but torch {torch.__version__} sees no CUDA device")
-    return device
-
-
-@pytest.fixture
-def device() -> torch.device:
-    return _device()
 
 
 def model_and_batch(**kw):
@@ -57,12 +36,12 @@ def loss_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
-def test_teacher_forcing_on_the_device_equals_the_cpu(device, rnn):
+def test_teacher_forcing_on_the_device_equals_the_cpu(accelerator, rnn):
     model, batch = model_and_batch(rnn=rnn)
     want_logits, want_loss, want_grads = loss_and_grads(model, batch)  # the CPU (fast path)
-    model.to(device)
-    got_logits, got_loss, got_grads = loss_and_grads(model, [x.to(device) for x in batch])
-    assert next(model.parameters()).device.type == device.type
+    model.to(accelerator)
+    got_logits, got_loss, got_grads = loss_and_grads(model, [x.to(accelerator) for x in batch])
+    assert next(model.parameters()).device.type == accelerator.type
     assert torch.allclose(got_logits, want_logits, atol=1e-4)
     assert abs(got_loss - want_loss) < 1e-4
     assert want_grads.keys() == got_grads.keys()
@@ -70,21 +49,21 @@ def test_teacher_forcing_on_the_device_equals_the_cpu(device, rnn):
         assert torch.allclose(got_grads[k], want_grads[k], atol=1e-4, rtol=1e-3), k
 
 
-def test_bf16_autocast_teacher_forcing_stays_near_fp32(device):
-    if device.type == "cpu":
+def test_bf16_autocast_teacher_forcing_stays_near_fp32(accelerator):
+    if accelerator.type == "cpu":
         pytest.skip("bf16 autocast on the CPU is covered by the training tests")
     model, batch = model_and_batch()
-    model.to(device)
-    batch = [x.to(device) for x in batch]
+    model.to(accelerator)
+    batch = [x.to(accelerator) for x in batch]
     with torch.no_grad():
         fp32 = model(*batch)[0]
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(accelerator.type, dtype=torch.bfloat16):
             bf16 = model(*batch)[0].float()
     assert (bf16 - fp32).abs().max().item() < 0.05 * max(1.0, fp32.abs().max().item())
 
 
 @pytest.mark.parametrize("beam", [1, 3])
-def test_search_on_the_device_finds_the_cpus_captions(device, beam):
+def test_search_on_the_device_finds_the_cpus_captions(accelerator, beam):
     model, (features, *_) = model_and_batch()
     model.eval()
     with torch.no_grad():
@@ -92,16 +71,16 @@ def test_search_on_the_device_finds_the_cpus_captions(device, beam):
         model.out.weight *= 5
     options = DecodingOptions(beam_size=beam, max_length=12, n_best=beam)
     want = decode(model, features, options)
-    got = decode(model.to(device), features.to(device), options)
+    got = decode(model.to(accelerator), features.to(accelerator), options)
     for w, g in zip(want, got):
         assert [h.tokens for h in w] == [h.tokens for h in g]
-        assert all(h.alphas.device.type == device.type or h.alphas.device.type == "cpu" for h in g)
+        assert all(h.alphas.device.type == accelerator.type or h.alphas.device.type == "cpu" for h in g)
         assert all(abs(a.log_prob - b.log_prob) < 1e-3 for a, b in zip(w, g))
 
 
-def test_a_checkpoint_saved_from_the_device_loads_on_the_cpu(device, tmp_path):
+def test_a_checkpoint_saved_from_the_device_loads_on_the_cpu(accelerator, tmp_path):
     model, _ = model_and_batch()
-    model.to(device)
+    model.to(accelerator)
     save_checkpoint(tmp_path / "ck", model, {"model_config": model.config.to_dict(), "vocab": {}, "encoder": {}})
     _, weights = load_checkpoint(tmp_path / "ck")
     assert all(w.device.type == "cpu" for w in weights.values())
@@ -109,6 +88,6 @@ def test_a_checkpoint_saved_from_the_device_loads_on_the_cpu(device, tmp_path):
         assert torch.equal(weights[k], v.cpu()), k
 
 
-def test_the_device_takes_the_plain_path(device):
+def test_the_device_takes_the_plain_path(accelerator):
     model, _ = model_and_batch()
-    assert fastpath.enabled(next(model.to(device).parameters())) == (device.type == "cpu")
+    assert fastpath.enabled(next(model.to(accelerator).parameters())) == (accelerator.type == "cpu")
