@@ -123,16 +123,16 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, xe_run):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--finetune-blocks", "2"], "--finetune-blocks needs --init-from"),
-    (["--finetune-blocks", "17", "--init-from", "XE"], "--finetune-blocks must be 1..16"),
-    (["--encoder-lr", "1e-5"], "--encoder-lr needs --finetune-blocks"),
-    (["--init-from", "FT"], "its encoder was fine-tuned"),
+@pytest.mark.parametrize("flags, message, status", [
+    (["--finetune-blocks", "2"], "--finetune-blocks needs --init-from", 1),
+    (["--finetune-blocks", "17", "--init-from", "XE"], "--finetune-blocks must be 1..16", 1),
+    (["--encoder-lr", "1e-5"], "--encoder-lr needs --finetune-blocks", 2),  # a usage error, caught by the CLI
+    (["--init-from", "FT"], "its encoder was fine-tuned", 1),
 ])
-def test_bad_flag_combinations_are_one_line_errors(tiny_data, tmp_path, xe_run, capsys, flags, message):
+def test_bad_flag_combinations_are_one_line_errors(tiny_data, tmp_path, xe_run, capsys, flags, message, status):
     if "FT" in flags:  # a fine-tuned run's decoder does not fit the cached features
         tuned(tiny_data, tmp_path / "ft", xe_run, stop_after_steps=1)
     flags = [{"XE": str(xe_run), "FT": str(tmp_path / "ft")}.get(f, f) for f in flags]
-    assert main(["train", str(tiny_data), "--out", str(tmp_path / "run"), "--quiet", *flags]) == 1
+    assert main(["train", str(tiny_data), "--out", str(tmp_path / "run"), "--quiet", *flags]) == status
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("imcap train: error: ") and message in err
