@@ -15,6 +15,9 @@ Sections (each one's failure is recorded and the others still run):
     beam      beam search k = 3 over 5,000 images (images/s)
     extract   EfficientNet-Lite0 at 224 px, fp32 and bf16 channels-last (images/s, grid difference), and the
               CPU time to decode and resize a COCO-sized JPEG (the share of extraction spent decoding)
+    feed      the Trainer itself on a synthetic feature store (random 7 x 7 x 1280 features on disk, the flickr8k
+              preset's model at batch 128): the share of step time the training thread waits for batches, with
+              and without the feeding thread
 Peak GPU memory is given per section. Figures are from random weights and inputs: speed, not quality.
 """
 
@@ -247,8 +250,62 @@ def section_extract(args, device: torch.device) -> dict:
     return out
 
 
+def synthetic_store(root: Path, images: int, image_size: int) -> Path:
+    """A DATA_DIR of `images` synthetic scenes whose feature store holds random features of EfficientNet-Lite0
+    at `image_size` (7 x 7 x 1280 at 224), written without running the CNN."""
+    import numpy as np
+
+    from imcap.datasets import prepare
+    from imcap.encoders import encoder_spec
+    from imcap.features import DONE, _Rows, open_for_writing, read_image_list, store_dir
+    from imcap.fileio import write_bytes_atomic
+    from imcap.synth import make_scenes
+
+    scenes = make_scenes(root / "scenes", n_images=images, seed=0, image_size=32, progress=False)
+    prepare(scenes, "karpathy", root / "data", min_count=1, progress=False)
+    spec = encoder_spec("efficientnet-lite0", image_size)
+    _, files = read_image_list(root / "data")
+    path = store_dir(root / "data", spec.name, image_size)
+    status, index = open_for_writing(path, spec, files)
+    rows = _Rows(path / "features.f16", index)
+    rng = np.random.default_rng(0)
+    for start in range(0, len(files), 64):
+        chunk = list(range(start, min(start + 64, len(files))))
+        rows.write(chunk, rng.random((len(chunk), index["P"], index["D"]), dtype=np.float32).astype(np.float16))
+    rows.close()
+    status[:] = DONE
+    write_bytes_atomic(path / "status.u8", status.tobytes())
+    return root / "data"
+
+
+def section_feed(args, device: torch.device) -> dict:
+    """Trainer steps on a store on disk: how much of a step the training thread waits for its batch."""
+    import tempfile
+
+    from imcap.train import Trainer, TrainConfig
+
+    images, size, batch, steps = (512, 224, 128, 20) if not args.quick else (40, 64, 16, 6)
+    model = {"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512} if not args.quick else \
+        {"embed_dim": 32, "hidden_dim": 32, "attention_dim": 32}
+    out: dict = {"images": images, "batch": batch, "steps": steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = synthetic_store(Path(tmp), images, size)
+        for i, prefetch in enumerate((False, True, False)):  # the first run warms the device up (overwritten)
+            trainer = Trainer(data, Path(tmp) / f"run{i}", model, TrainConfig(epochs=1, batch_size=batch,
+                              val_images=1), log=lambda *a: None, device=device, prefetch=prefetch)
+            trainer.train(progress_bar=False, stop_after_steps=steps)
+            p = trainer.progress
+            out["prefetch" if prefetch else "inline"] = {
+                "data_wait_share": round(p.epoch_wait_seconds / max(p.epoch_seconds, 1e-9), 4),
+                "step_s": round(p.epoch_seconds / steps, 5), "captions_per_s": round(p.epoch_seen / p.epoch_seconds, 1)}
+        out["precision"], out["features"] = trainer.precision, list(trainer.store.features.shape[1:])
+    if device.type == "cuda":
+        out["peak_mib"] = peak_memory_mib(device)
+    return out
+
+
 SECTIONS = {"tests": section_tests, "parity": section_parity, "train": section_train, "coco": section_coco,
-            "beam": section_beam, "extract": section_extract}
+            "beam": section_beam, "extract": section_extract, "feed": section_feed}
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -294,6 +351,11 @@ def table(sections: dict) -> list[str]:
                 add("extract lite0 224", variant, f"{v['images_per_s']:,} images/s, grid diff {v['grid_max_abs_diff']}")
             add("extract JPEG decode", f"{r['jpeg_decode_ms_per_image']} ms/image on one core",
                 f"{r['decode_share_one_thread']:.0%} of time on one thread, {r['decode_share_all_cores']:.0%} on {r['cores']} cores")
+        elif name == "feed":
+            for variant, label in (("inline", "batches read in the step"), ("prefetch", "feeding thread")):
+                v = r[variant]
+                add(f"feed batch {r['batch']}", f"{label}, {r['precision']}",
+                    f"{v['data_wait_share']:.1%} of step time waiting for data, {v['captions_per_s']:,} captions/s")
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
