@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imcap.model import ShowAttendTell
-from imcap.text import END, START
+from imcap.text import END, START, UNK
 
 
 def cell_parameters(model: ShowAttendTell, get: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.detach):
@@ -163,6 +163,7 @@ def tutorial_beam_search(
       which only <end> can finish; then the beams still open (max_length words, no <end>) join the
       finished hypotheses, so a caption is always returned;
     - the best is the highest log probability among them (no length penalty).
+    - <unk> is never chosen (DecodingOptions.allow_unk False, the default).
     k = 1 is greedy search.
     """
     if decoder.training:
@@ -189,6 +190,7 @@ def tutorial_beam_search(
         else:
             h = decoder.decode_step(x, h)  # (s, n)
         scores = F.log_softmax(decoder.output(embeddings, h, context), dim=1)  # (s, V)
+        scores[:, UNK] = float("-inf")  # imcap's rule: <unk> is never chosen
         scores = top_k_scores.unsqueeze(1) + scores  # (s, V) log p of every extension
         if step == 0:
             scores = scores[:1]  # (1, V): all beams are the same <start>

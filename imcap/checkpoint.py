@@ -4,7 +4,8 @@ A checkpoint is a directory:
     model.safetensors       the decoder's weights
     encoder.safetensors     fine-tuned encoder weights (end-to-end runs only, finetune.py): the trained top
                             blocks of the trunk, keyed as in its state_dict; the rest comes from the encoder spec
-    optimizer.safetensors   optimizer state tensors and the torch RNG state (training checkpoints only)
+    optimizer.safetensors   optimizer state tensors and the torch RNG state, + the CUDA one when trained on a GPU
+                            (training checkpoints only)
     checkpoint.json         configs, vocabulary, encoder spec, progress, metrics, optimizer hyper-parameters
 
 A checkpoint with encoder weights says so in checkpoint.json ("encoder_weights": "encoder.safetensors")
@@ -49,17 +50,23 @@ def save_checkpoint(
     encoder_weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write model weights, meta (JSON-able) and optionally optimizer + RNG state and fine-tuned encoder
-    weights to directory `path`. WriteError (an OSError) naming the file when one cannot be written."""
+    weights to directory `path`. WriteError (an OSError) naming the file when one cannot be written.
+
+    Device-free: every tensor is saved from the CPU. A model on a CUDA device also saves that device's RNG
+    state (rng.cuda: dropout and sampling draw from it there), for an exact resume on the same device."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    files = {"model.safetensors": {k: v.detach().contiguous() for k, v in model.state_dict().items()}}
+    files = {"model.safetensors": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
     meta = {"format": FORMAT, "version": 1, **meta}
     if encoder_weights is not None:
-        files[ENCODER_FILE] = encoder_weights
+        files[ENCODER_FILE] = {k: v.detach().cpu().contiguous() for k, v in encoder_weights.items()}
         meta.update(version=2, encoder_weights=ENCODER_FILE)
     if optimizer is not None:
         tensors, meta["optimizer"] = _flatten_optimizer(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
         files["optimizer.safetensors"] = tensors
     name = ""  # the file being written, for the message of a failure
     shutil.rmtree(tmp, ignore_errors=True)
@@ -194,13 +201,19 @@ def load_encoder_weights(path: str | os.PathLike, meta: dict) -> dict[str, torch
 
 
 def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Restore optimizer state and the torch RNG from a training checkpoint."""
+    """Restore optimizer state and the torch RNG from a training checkpoint. The tensors are read on the CPU;
+    the optimizer moves its state to its parameters' device. The CUDA RNG state (rng.cuda) is restored when
+    the parameters are on a CUDA device and the checkpoint has one (it was made on a GPU)."""
     file = _existing(Path(path)) / "optimizer.safetensors"
     tensors = _load_tensors(file)
     if "rng.torch" not in tensors or not isinstance(meta.get("optimizer"), dict):
         raise CheckpointError(f"{file.parent}: not a training checkpoint (no optimizer or RNG state)")
     try:
         torch.set_rng_state(tensors.pop("rng.torch"))
+        cuda_rng = tensors.pop("rng.cuda", None)
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+        if cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, device)
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{file}: optimizer state does not fit this model ({str(e).splitlines()[0]})") from None
@@ -226,7 +239,13 @@ def ensemble_members(run_dir: str | os.PathLike) -> list[Path] | None:
 
 
 def find_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:
-    """RUN_DIR/best (or RUN_DIR/checkpoint), or RUN_DIR itself when it is a checkpoint directory."""
+    """RUN_DIR/best (or RUN_DIR/checkpoint), or RUN_DIR itself when it is a checkpoint directory; a name that is
+    no path but a packaged model's (imcap/packaged.py, e.g. "flickr8k") gives that model."""
+    from .packaged import resolve
+
+    packaged = resolve(run_dir)
+    if packaged is not None:
+        return packaged
     run_dir = Path(run_dir)
     if (run_dir / "checkpoint.json").is_file():
         return run_dir
@@ -235,7 +254,10 @@ def find_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:
             if (candidate / "checkpoint.json").is_file():
                 return candidate
     if not run_dir.exists():
-        raise CheckpointError(f"{run_dir}: no such run directory")
+        from .packaged import available
+
+        names = ", ".join(available()) or "none installed"
+        raise CheckpointError(f"{run_dir}: no such run directory (packaged models: {names})")
     if (run_dir / ENSEMBLE_FILE).is_file():
         raise CheckpointError(f"{run_dir}: an ensemble ({ENSEMBLE_FILE}) has no checkpoint of its own; name one of its member runs")
     raise CheckpointError(f"{run_dir}: no checkpoint in this directory (train first: imcap train DATA_DIR --out {run_dir})")
@@ -265,7 +287,7 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for idx, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().clone()
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous().clone()
             else:
                 scalars[f"{idx}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}

@@ -18,6 +18,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_THREADS = 1024
 MAX_BATCH = 65_536  # images or captions per batch
 MAX_DIM = 16_384  # model sizes (embedding, state, attention)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # devices.PRECISIONS, not imported here: devices.py imports torch
 
 
 class UsageError(ValueError):
@@ -62,6 +63,20 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _device(a, auto_precision: str | None = None):
+    """(torch.device, "fp32" | "bf16" | "fp16") from --device and --precision, resolved before anything loads; a
+    device that is not there, or a precision it cannot run, is a UsageError (one line, exit 2).
+    auto_precision: what --precision auto means for this command (default: bf16 on CUDA that supports it, else fp32)."""
+    from .devices import resolve_device, resolve_precision
+
+    try:
+        device = resolve_device(a.device)
+        return device, resolve_precision(auto_precision if a.precision == "auto" and auto_precision else a.precision,
+                                          device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_synth(a) -> int:
     from .synth import make_scenes
 
@@ -86,20 +101,22 @@ def cmd_prepare(a) -> int:
 
 
 def cmd_features(a) -> int:
+    from .encoders import AUTO_PRECISION
     from .features import extract_features
 
-    extra = {"batch_size": a.batch_size} if a.batch_size else {}
+    device, precision = _device(a, AUTO_PRECISION)
     summary = extract_features(a.data_dir, encoder=a.encoder, image_size=a.image_size, threads=a.threads,
-                               progress=not a.quiet, overwrite=a.overwrite, **extra)
+                               progress=not a.quiet, overwrite=a.overwrite, batch_size=a.batch_size, device=device,
+                               precision=precision)
     failed = summary["failed"]
     print(f"features: {summary['done']} of {summary['images']} images in {summary['store']} "
-          f"({summary['encoded']} encoded now, {summary['images_per_s']:.1f} images/s, "
+          f"({summary['encoded']} encoded now, {summary['images_per_s']:.1f} images/s on {device}, "
           f"{summary['bytes_per_image']:,} bytes/image); {len(failed)} failed")
     return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_train(a) -> int:
-    from .train import TrainConfig, train
+    from .train import TrainConfig, resume_conflicts, train
 
     _threads(a.threads)
     model_config = {k: v for k, v in {
@@ -112,10 +129,17 @@ def cmd_train(a) -> int:
     stages = [("", Path(a.out), model_config, given, a.features)]  # (label, RUN_DIR, model, train config, store)
     if a.preset:
         stages = _preset_stages(a, model_config, given)
+    device, precision = _device(a)
+    for _, out, model, cfg, _ in stages:
+        conflicts = resume_conflicts(out, model or {}, cfg)
+        if conflicts:
+            flags = ", ".join("--" + k.replace("_", "-") for k in conflicts)
+            raise UsageError(f"{out} has a checkpoint, and resuming keeps its settings: {flags} differ from the run's; "
+                             f"only --epochs and --micro-batches may change on resume (or use a new --out)")
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports and writes
     for label, out, model, cfg, features in stages:
         summary = train(a.data_dir, out, model_config=model, train_config=TrainConfig(**cfg), features=features,
-                        progress=not a.quiet)
+                        progress=not a.quiet, device=device, precision=precision)
         if not rank0:
             continue
         best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best_val"].items())
@@ -165,7 +189,7 @@ def _decoding(a):
 
     try:
         return DecodingOptions(beam_size=a.beam, max_length=a.max_length, length_penalty=a.length_penalty,
-                               n_best=getattr(a, "n_best", 1))
+                               n_best=getattr(a, "n_best", 1), allow_unk=a.allow_unk)
     except ValueError as e:  # e.g. --n-best over --beam
         raise UsageError(str(e)) from None
 
@@ -176,7 +200,8 @@ def cmd_evaluate(a) -> int:
 
     _threads(a.threads)
     options = _decoding(a)  # a usage error before the model loads
-    captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble])
+    device, precision = _device(a)
+    captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble], device=device, precision=precision)
     report = evaluate(a.run_dir, a.data, split=a.split, options=options, limit=a.limit, captioner=captioner)
     if a.json:
         print(json.dumps(report["scores"]))
@@ -196,14 +221,16 @@ def cmd_caption(a) -> int:
 
     _threads(a.threads)
     options = _decoding(a)  # a usage error before the model loads
-    captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble])
+    device, precision = _device(a)
+    captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble], device=device, precision=precision)
     failed = 0
     if a.attention:
         Path(a.attention).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(a.images), a.batch_size):
         chunk = a.images[start : start + a.batch_size]
         results = captioner.caption(chunk, beam_size=options.beam_size, max_length=options.max_length,
-                                    length_penalty=options.length_penalty, n_best=options.n_best)
+                                    length_penalty=options.length_penalty, n_best=options.n_best,
+                                    allow_unk=options.allow_unk)
         for r in results:
             failed += r.error is not None
             _print_caption(r, a.json)
@@ -251,15 +278,18 @@ def cmd_demo(a) -> int:
     from .demo import run_demo
 
     _threads(a.threads)
-    return run_demo(a.out, n_images=a.images, epochs=a.epochs, seed=a.seed, progress=not a.quiet)
+    device, _ = _device(a)  # the precision checked; "auto" means fp32 for the features, bf16 or fp32 for the rest
+    return run_demo(a.out, n_images=a.images, epochs=a.epochs, seed=a.seed, progress=not a.quiet, device=device,
+                    precision=a.precision)
 
 
 def cmd_serve(a) -> int:
     from .server import serve
 
     _threads(a.threads)
+    device, precision = _device(a)
     serve(a.run_dir, a.host, a.port, max_upload_bytes=int(a.max_upload_mb * 1_000_000), max_concurrency=a.concurrency,
-          max_queue=a.queue, log_level="warning" if a.quiet else "info")
+          max_queue=a.queue, log_level="warning" if a.quiet else "info", device=device, precision=precision)
     return EXIT_OK
 
 
@@ -324,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data_dir", help="DATA_DIR written by prepare")
     s.add_argument("--encoder", default="efficientnet-lite0", choices=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"], help="pretrained CNN")
     s.add_argument("--image-size", type=_count(32, 4096), default=224, help="input side in pixels: 224 -> 7x7 grid, 448 -> 14x14")
-    s.add_argument("--batch-size", type=_count(1, 4096), help="images per CNN batch (default 4: fastest on a 2-core CPU)")
+    s.add_argument("--batch-size", type=_count(1, 4096), help="images per CNN batch (default: 64 on a GPU, 4 on the CPU, the fastest on a 2-core CPU)")
     s.add_argument("--overwrite", action="store_true", help="discard an existing store made differently")
     s.set_defaults(func=cmd_features)
 
@@ -344,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-beam", type=_count(1, MAX_BEAM_SIZE), help="beam size of validation decoding (default 1: greedy)")
     s.add_argument("--val-images", type=_count(1), help="validate on at most N images (default all)")
     s.add_argument("--checkpoint-every", type=_count(1), help="also checkpoint every N steps (default: epoch ends)")
+    s.add_argument("--micro-batches", type=_count(1, 4096), metavar="N", help="split each batch (each process's "
+                   "share under torchrun) into N backward passes before one optimizer step: a batch too big for "
+                   "memory trains unchanged (default 1; may be changed when resuming)")
     s.add_argument("--seed", type=int, help="seed of initialisation, batch order, dropout (default 0)")
     s.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's best weights (its model settings too)")
     s.add_argument("--objective", choices=["xe", "scst"], help="xe: cross-entropy (default); scst: self-critical "
@@ -378,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-length", type=_count(1, MAX_LENGTH), default=30, help=f"maximum words per caption (at most {MAX_LENGTH})")
         s.add_argument("--length-penalty", type=_bounded(float, 0, MAX_LENGTH_PENALTY), default=0.0,
                        help="GNMT length penalty exponent (0: none)")
+        s.add_argument("--allow-unk", action="store_true", help="let the search choose <unk> (research: the "
+                       "model's own ranking); by default <unk> is never chosen")
         s.add_argument("--json", action="store_true", help="machine-readable output")
         s.add_argument("--ensemble", nargs="+", default=[], metavar="RUN_DIR",
                        help="decode with these runs too, averaging the models' word probabilities (same "
@@ -424,7 +459,25 @@ def build_parser() -> argparse.ArgumentParser:
     for s in sub.choices.values():
         s.add_argument("--threads", type=_count(1, MAX_THREADS), help="torch threads (default: all cores)")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name in ("features", "train", "evaluate", "caption", "serve", "demo"):
+        s = sub.choices[name]
+        s.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
+                       help="where to compute; auto (default): CUDA when torch sees a GPU, else the CPU (under "
+                            "torchrun each process takes its own GPU, cuda:$LOCAL_RANK)")
+        s.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP[name])
     return p
+
+
+PRECISION_HELP = {  # what --precision auto means for each command
+    "features": "auto (default): fp32, since bf16 changes the CNN's grid by ~16%% (max abs ~3), far more than the "
+                "float16 store rounds it; bf16, or fp16 on a GPU, on request",
+    "train": "auto (default): bf16 mixed precision on CUDA devices that support it, else fp32; fp16 on GPUs only",
+    "demo": "auto (default): training and decoding in bf16 on CUDA devices that support it, else fp32; the "
+            "features in fp32 always; fp16 on GPUs only",
+    **{name: "of the search: auto (default) bf16 on CUDA devices that support it, else fp32; fp16 on GPUs only. "
+             "The CNN runs in fp32 (bf16 would change its features by ~16%%)"
+       for name in ("evaluate", "caption", "serve")},
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
-from .text import END, START
+from .text import END, START, UNK
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class DecodingOptions:
     max_length: int = 30  # words per caption, <end> not counted; at most MAX_LENGTH
     length_penalty: float = 0.0  # score = log p / ((5 + L) / 6) ** length_penalty (0: plain log p)
     n_best: int = 1  # hypotheses returned per image (<= beam_size)
+    allow_unk: bool = False  # False: <unk> is never chosen (captions shown to people); True: as the model ranks it
 
     def __post_init__(self):
         for name, value, high in (("beam size", self.beam_size, MAX_BEAM_SIZE), ("max length", self.max_length, MAX_LENGTH)):
@@ -67,13 +68,13 @@ def length_normalize(log_prob: torch.Tensor, length: torch.Tensor | int, penalty
 def decode(model, features: torch.Tensor, options: DecodingOptions = DecodingOptions()) -> list[list[Hypothesis]]:
     """Caption a batch of feature grids (B, P, D); returns n_best hypotheses per image, best first."""
     if options.beam_size == 1:
-        return [[h] for h in greedy_search(model, features, options.max_length)]
+        return [[h] for h in greedy_search(model, features, options.max_length, options.allow_unk)]
     return beam_search(model, features, options)
 
 
 @torch.inference_mode()
-def greedy_search(model, features: torch.Tensor, max_length: int = 30) -> list[Hypothesis]:
-    """Take the most probable word at each step until <end> or max_length words.
+def greedy_search(model, features: torch.Tensor, max_length: int = 30, allow_unk: bool = False) -> list[Hypothesis]:
+    """Take the most probable word at each step (never <unk> unless allow_unk) until <end> or max_length words.
 
     Rows of images whose caption has ended are dropped from the batch (see COMPACT_SHARE), so that later
     steps cost only the images still writing.
@@ -82,16 +83,19 @@ def greedy_search(model, features: torch.Tensor, max_length: int = 30) -> list[H
     memory = image_memory = model.attend_memory(features)  # (A) rows, (B) rows
     buffers = None  # storage of the memory's rows after the first drop, reused by the later ones
     state = model.init_state(memory)
-    device = features.device
+    device, dtype = features.device, _score_dtype(features)
     live = torch.arange(B, device=device)  # (A,) images still in the batch: row a of every per-step tensor is image live[a]
     tokens = torch.full((B,), START, dtype=torch.long, device=device)  # (A,)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (A,) caption ended (row not dropped yet)
-    log_probs = features.new_zeros(B)  # (B,)
+    log_probs = features.new_zeros(B, dtype=dtype)  # (B,)
     lengths = torch.full((B,), L, device=device)  # (B,) unfinished captions keep max_length words
     out_tokens = torch.zeros(L + 1, B, dtype=torch.long, device=device)  # (T, B) word of each image at each step
-    out_alphas = features.new_zeros(L + 1, B, features.size(1))  # (T, B, P)
+    out_alphas = features.new_zeros(L + 1, B, features.size(1), dtype=dtype)  # (T, B, P)
     for t in range(L + 1):  # max_length words, then one last chance for <end>
         lp, state, alpha = model.step(tokens, state, memory)  # (A, V), state, (A, P)
+        lp, alpha = lp.to(dtype), alpha.to(dtype)  # bf16/fp16 under autocast: the sums are kept in fp32
+        if not allow_unk:
+            lp[:, UNK] = float("-inf")
         best_lp, tokens = lp.max(dim=1)  # (A,)
         ended = tokens == END
         take = ~done & (ended | (t < L))
@@ -122,6 +126,12 @@ def greedy_search(model, features: torch.Tensor, max_length: int = 30) -> list[H
 # beam search k = 3 and 5 ran 5-10% faster at 0.1 (or 0.05) than at 0.25, and slower at 0.5; greedy search
 # was the same at 0.25, 0.1 and 0.05 within the noise.
 COMPACT_SHARE = 0.1
+
+
+def _score_dtype(features: torch.Tensor) -> torch.dtype:
+    """The dtype the searches sum log probabilities and keep attention in: float32 at least, whatever the
+    features or (under autocast) the model's steps come in."""
+    return torch.promote_types(features.dtype, torch.float32)
 
 
 def _rows(tensors: tuple, index: torch.Tensor, out: list[torch.Tensor] | None = None) -> tuple:
@@ -175,7 +185,7 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
     memory = image_memory  # (A) rows: the model reads an image's memory for all W rows of its beams
     buffers = None  # storage of the memory's rows after the first drop, reused by the later ones
     state = model.init_state(memory)
-    device, dtype = features.device, features.dtype
+    device, dtype = features.device, _score_dtype(features)
     live = torch.arange(B, device=device)  # (A,) images still in the batch
     tokens = torch.full((B,), START, dtype=torch.long, device=device)  # (A * W,)
     beam_lp = torch.full((B, K), neg_inf, dtype=dtype, device=device)  # (A, K) log p of each open beam
@@ -186,7 +196,7 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
     # and extends the beam in slot hist_parent[t, b, j] at step t, which attended with hist_alpha[t, b, that slot]
     hist_word = torch.zeros(L + 1, B, K, dtype=torch.long, device=device)
     hist_parent = torch.zeros(L + 1, B, K, dtype=torch.long, device=device)
-    hist_alpha = features.new_zeros(L + 1, B, K, P)
+    hist_alpha = features.new_zeros(L + 1, B, K, P, dtype=dtype)
     # finished hypotheses, best first: score, log p, last step, slot extended at the last step, last word
     pool = ([torch.full((B, K), neg_inf, dtype=dtype, device=device) for _ in range(2)]
             + [torch.zeros(B, K, dtype=torch.long, device=device) for _ in range(3)])
@@ -203,6 +213,9 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
 
     for t in range(L + 1):  # L words, then one last chance for <end>
         lp, state, alpha = model.step(tokens, state, memory)  # (A*W, V), state, (A*W, P)
+        lp, alpha = lp.to(dtype), alpha.to(dtype)  # bf16/fp16 under autocast: the beams' sums are kept in fp32
+        if not options.allow_unk:
+            lp[:, UNK] = neg_inf
         A, V, W = beam_lp.size(0), lp.size(1), 1 if t == 0 else K
         hist_alpha[t].index_copy_(0, live, alpha.view(A, W, P).expand(A, K, P))
         total = beam_lp.unsqueeze(2) + lp.view(A, W, V)  # (A, K, V); at step 0 all but slot 0 are -inf
@@ -248,7 +261,7 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
     score, log_prob, last, slot, last_word = (f[:, :N] for f in final)  # (B, N) each
     T = int(last.max()) + 1 if B else 0
     seq = torch.zeros(B, N, T, dtype=torch.long, device=device)  # (B, N, T)
-    alphas = features.new_zeros(B, N, T, P)  # (B, N, T, P)
+    alphas = features.new_zeros(B, N, T, P, dtype=dtype)  # (B, N, T, P)
     image = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
     for u in range(T - 1, -1, -1):  # positions past a hypothesis' last step get junk, cut below
         before = last > u  # (B, N) word u was chosen by a beam that went on

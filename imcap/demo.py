@@ -20,10 +20,13 @@ def _done(t0: float) -> None:
 
 
 def run_demo(out: str | Path = "demo-out", *, n_images: int = 1200, epochs: int = 12, seed: int = 0,
-             progress: bool = True) -> int:
+             progress: bool = True, device: str = "auto", precision: str = "auto") -> int:
+    """device, precision: for every stage that computes (features, training, evaluation, captioning); under
+    "auto" the features are fp32 (encoders.AUTO_PRECISION) and training and decoding bf16 on CUDA."""
     from .api import Captioner
     from .datasets import format_summary, load_dataset, prepare
     from .decoding import DecodingOptions
+    from .devices import describe, resolve_device
     from .evaluate import evaluate
     from .features import FeatureStore, extract_features
     from .synth import make_scenes
@@ -31,6 +34,8 @@ def run_demo(out: str | Path = "demo-out", *, n_images: int = 1200, epochs: int 
     from .visualize import save_attention_figure
 
     out = Path(out)
+    device = resolve_device(device)
+    print(f"imcap demo on {describe(device)}, precision {precision}", flush=True)
     start = time.time()
     t0 = _stage(f"1/6 synth: {n_images} synthetic scenes -> {out / 'scenes'}")
     scenes = make_scenes(out / "scenes", n_images=n_images, seed=seed, progress=progress)
@@ -41,25 +46,27 @@ def run_demo(out: str | Path = "demo-out", *, n_images: int = 1200, epochs: int 
     _done(t0)
 
     t0 = _stage("3/6 features: EfficientNet-Lite0 (ImageNet weights), 224 px -> 7x7 x 1280 grid")
-    summary = extract_features(out / "data", encoder="efficientnet-lite0", image_size=224, progress=progress)
+    summary = extract_features(out / "data", encoder="efficientnet-lite0", image_size=224, progress=progress,
+                               device=device, precision=precision)
     print(f"   {summary['done']} images, {summary['images_per_s']:.1f} images/s")
     _done(t0)
 
     t0 = _stage(f"4/6 train: soft-attention LSTM, {epochs} epochs, validation by greedy decoding")
     cfg = TrainConfig(epochs=epochs, batch_size=48, lr=1.5e-3, warmup_steps=50, patience=0, seed=seed)
     model_config = {"embed_dim": 128, "hidden_dim": 256, "attention_dim": 256, "dropout": 0.3}
-    train(out / "data", out / "run", model_config=model_config, train_config=cfg, progress=progress)
+    train(out / "data", out / "run", model_config=model_config, train_config=cfg, progress=progress, device=device,
+          precision=precision)
     _done(t0)
 
     t0 = _stage("5/6 evaluate: held-out test scenes, beam 3")
     options = DecodingOptions(beam_size=3)
-    report = evaluate(out / "run", out / "data", split="test", options=options)
+    captioner = Captioner.load(out / "run", device=device, precision=precision)
+    report = evaluate(out / "run", out / "data", split="test", options=options, captioner=captioner)
     for k, v in report["scores"].items():
         print(f"   {k:8s} {'n/a' if v is None else f'{v:.3f}'}")
     _done(t0)
 
     t0 = _stage(f"6/6 caption: held-out scenes with attention -> {out / 'attention'}")
-    captioner = Captioner.load(out / "run")
     meta, images = load_dataset(out / "data")
     root = Path(meta["image_root"])
     store = FeatureStore.open(out / "data")

@@ -12,25 +12,34 @@ import torch
 class Distributed:
     """Where this process stands in a torchrun job (rank 0 of 1 when run alone).
 
-    torchrun sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; the gloo backend runs on CPUs, NCCL on GPUs.
+    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. The backend follows the device:
+    NCCL for a CUDA device (one GPU per process, cuda:$LOCAL_RANK), gloo on the CPU.
     Training: every process sees the same batches; each takes its share of the rows (rank::world) and DDP
-    averages the gradients, so N processes train the model one process would, with the same global batch.
+    averages the gradients, so N processes train the model one process would, with the same global batch
+    (exactly the model of one process with TrainConfig.micro_batches = N, for N = 2: train.py).
     Feature extraction: each process encodes its share of the images into the one store.
     """
 
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL needs CUDA tensors)
 
     @classmethod
-    def from_env(cls) -> "Distributed":
+    def from_env(cls, device: torch.device | None = None) -> "Distributed":
+        """This process's place; device: the one it computes on (None: CUDA when torch sees it, else the CPU)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if device is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+                else torch.device("cpu")
         if world == 1:
-            return cls()
+            return cls(device=device)
         import torch.distributed as dist
 
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL and all_gather_object use the current device
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
 
     @property
     def main(self) -> bool:
@@ -45,7 +54,7 @@ class Distributed:
             return value
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t)
 

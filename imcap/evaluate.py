@@ -20,6 +20,7 @@ from .api import Captioner
 from .fileio import write_json_atomic
 from .datasets import load_dataset
 from .decoding import DecodingOptions
+from .devices import autocast
 from .features import FeatureStore
 from .metrics import score_captions, write_coco_results
 from .synth import mean_grounding
@@ -27,24 +28,26 @@ from .synth import mean_grounding
 
 def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, split: str = "test",
              options: DecodingOptions = DecodingOptions(), limit: int = 0, batch_size: int = 100,
-             captioner: Captioner | None = None) -> dict:
+             captioner: Captioner | None = None, device: str | torch.device = "auto", precision: str = "auto") -> dict:
     """Scores (BLEU-1..4, METEOR, ROUGE_L, CIDEr) of RUN_DIR's best checkpoint on DATA_DIR's `split`.
 
     Writes RUN_DIR/eval/<split>-beam<K>[-lp<X>][-ensemble-<runs>].results.json (COCO results format) and
     .scores.json beside it; an ensemble captioner (Captioner.load_ensemble) scores in its first run's folder.
+    device, precision: where and how the search runs (Captioner.load's); a given captioner keeps its own.
     """
-    captioner = captioner or Captioner.load(run_dir)
+    captioner = captioner or Captioner.load(run_dir, device=device, precision=precision)
     data_dir = Path(data_dir or captioner.meta["data"]["data_dir"])
     meta, images = load_dataset(data_dir)
     t0 = time.time()
     rows, batches = _annotations(captioner, data_dir, images, split, limit, batch_size)
     hyps, boxed = {}, []  # boxed: (result, record) of scenes with ground-truth boxes, for the grounding score
-    for chunk, features in batches:
-        names = [images[i]["id"] for i in chunk]
-        for i, r in zip(chunk, captioner.caption_features(features, options, names)):
-            hyps[r.image] = r.caption if meta.get("language", "en") == "en" else " ".join(r.tokens)
-            if images[i].get("objects"):
-                boxed.append((r, images[i]))
+    with autocast(captioner.device, captioner.encoder_precision):  # the CNN of a fine-tuned run, if it runs
+        for chunk, features in batches:
+            names = [images[i]["id"] for i in chunk]
+            for i, r in zip(chunk, captioner.caption_features(features, options, names)):
+                hyps[r.image] = r.caption if meta.get("language", "en") == "en" else " ".join(r.tokens)
+                if images[i].get("objects"):
+                    boxed.append((r, images[i]))
     decode_seconds = time.time() - t0
     rows = [i for i in rows if images[i]["id"] in hyps]  # without images that could not be read
     if meta.get("language", "en") == "en":
@@ -55,7 +58,8 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
         scores = score_captions(refs, hyps, tokenize=False)
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{split}-beam{options.beam_size}" + (f"-lp{options.length_penalty:g}" if options.length_penalty else "")
+    stem = (f"{split}-beam{options.beam_size}" + (f"-lp{options.length_penalty:g}" if options.length_penalty else "")
+            + ("-unk" if options.allow_unk else ""))
     if "ensemble" in captioner.meta and ckpt.ensemble_members(run_dir) is None:  # --ensemble: name the others
         here = Path(run_dir).resolve()
         names = [Path(p).parent.name if Path(p).parent.resolve() != here else Path(p).name  # run, or own checkpoint
@@ -64,7 +68,8 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     write_coco_results(out / f"{stem}.results.json", hyps)
     report = {"scores": scores, "split": split, "images": len(rows), "data_dir": str(data_dir),
               "checkpoint": captioner.meta.get("path"), "decoding": asdict(options),
-              "decode_seconds": round(decode_seconds, 2)}
+              "decode_seconds": round(decode_seconds, 2), "device": str(captioner.device),
+              "precision": captioner.precision}
     if boxed:  # synthetic scenes: how much of each shape word's attention falls inside its object's box
         report["grounding"] = mean_grounding([r for r, _ in boxed], [rec for _, rec in boxed], meta["image_root"])
     write_json_atomic(out / f"{stem}.scores.json", report)

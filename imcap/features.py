@@ -8,6 +8,10 @@ Extraction is resumable: features are flushed before status marks them done, and
 index.json are replaced atomically, so a job killed at any moment never claims a row it did not write.
 features.f16 has its space reserved when the store is opened and rows are written with plain writes (never
 through the memory map), so a full disk is one line naming the store, never a SIGBUS.
+
+The CNN runs on the device (`device`, default auto: CUDA when torch sees it), in fp32 unless bf16/fp16 is
+asked for (encoders.AUTO_PRECISION); images are decoded and resized on the CPU in background threads, and on
+CUDA their pixels are pinned there and copied without blocking. The store is float16 on every device.
 """
 
 from __future__ import annotations
@@ -29,13 +33,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .devices import autocast, resolve_device, resolve_precision
 from .distributed import Distributed
-from .encoders import EncoderSpec, ImageEncoder, build_encoder
+from .encoders import AUTO_PRECISION, EncoderSpec, ImageEncoder, build_encoder
 from .fileio import remove_stale_temporaries, write_bytes_atomic, write_error, write_json_atomic
 from .images import ImageError, load_image
 
 INDEX_VERSION = 1
 NOT_DONE, DONE, FAILED = 0, 1, 2
+# Images per CNN batch when none is given: on a 2-core CPU 4 are 1.4-1.8x faster than 32 (cache); a GPU
+# wants large batches.
+CPU_BATCH, GPU_BATCH = 4, 64
+MAX_DECODE_THREADS = 8  # on a GPU: background threads decoding images (one on the CPU, beside the CNN's)
 
 
 class FeatureStoreError(ValueError):
@@ -217,7 +226,9 @@ class _Batch:
     failures: list[tuple[int, str]]  # (row, one-line problem)
 
 
-def _load_batch(rows: Sequence[int], paths: Sequence[Path], preprocess: Callable) -> _Batch:
+def _load_batch(rows: Sequence[int], paths: Sequence[Path], preprocess: Callable, pin: bool = False) -> _Batch:
+    """Decode and preprocess the images of `rows`; pin: their pixels in pinned memory (for a non-blocking copy
+    to CUDA)."""
     ok, tensors, failures = [], [], []
     for row in rows:
         try:
@@ -225,12 +236,15 @@ def _load_batch(rows: Sequence[int], paths: Sequence[Path], preprocess: Callable
             ok.append(int(row))
         except ImageError as e:
             failures.append((int(row), str(e)))
-    return _Batch(ok, torch.stack(tensors) if tensors else None, failures)
+    images = torch.stack(tensors) if tensors else None  # (len(ok), 3, S, S)
+    if pin and images is not None:
+        images = images.pin_memory()
+    return _Batch(ok, images, failures)
 
 
-def _prefetch(fn: Callable, items: Iterable, depth: int = 2) -> Iterator:
-    """fn(item) for each item, computed in one background thread up to `depth` items ahead, in order."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imcap-decode")
+def _prefetch(fn: Callable, items: Iterable, depth: int = 2, workers: int = 1) -> Iterator:
+    """fn(item) for each item, computed in `workers` background threads up to `depth` items ahead, in order."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imcap-decode")
     pending: deque = deque()
     try:
         for item in items:
@@ -241,6 +255,22 @@ def _prefetch(fn: Callable, items: Iterable, depth: int = 2) -> Iterator:
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _ieee_convolutions(device: torch.device, precision: str):
+    """fp32 that is fp32 on CUDA: cuDNN convolutions without TF32 (10-bit mantissa, as coarse as the float16
+    store), so that a store made on a GPU holds the CPU's grid up to the store's rounding. What it costs is not
+    measured yet (benchmarks/gpu.py's extract section times the CNN against decoding a JPEG on the CPU)."""
+    if device.type != "cuda" or precision != "fp32":
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
 
 
 @contextmanager
@@ -274,8 +304,19 @@ def _record_failures(index: dict, batch: _Batch, files: Sequence[str]) -> bool:
     return changed
 
 
+def _encode(encoder: ImageEncoder, images: torch.Tensor, precision: str) -> np.ndarray:
+    """images (B, 3, S, S) on the CPU -> annotations (B, P, D) float16 on the CPU, computed on the encoder's device."""
+    device = encoder.device
+    with torch.inference_mode(), autocast(device, precision):
+        a = encoder(images.to(device, non_blocking=True))  # (B, P, D)
+    if device.type == "cpu":
+        return a.float().numpy().astype(np.float16)
+    return a.to(torch.float16).cpu().numpy()  # rounded on the device: half the bytes to copy back
+
+
 def _run(
-    encoder: ImageEncoder, batches: Iterator[_Batch], features: _Rows, status: np.ndarray, commit: Callable, bar
+    encoder: ImageEncoder, batches: Iterator[_Batch], features: _Rows, status: np.ndarray, commit: Callable, bar,
+    precision: str = "fp32",
 ) -> tuple[int, float]:
     """Encode each decoded batch, write its rows, commit; -> (images encoded, seconds spent waiting for decoding)."""
     encoded, waited = 0, 0.0
@@ -286,9 +327,7 @@ def _run(
         if batch is None:
             return encoded, waited
         if batch.rows:
-            with torch.inference_mode():
-                a = encoder(batch.images)  # (B, P, D)
-            features.write(batch.rows, a.numpy().astype(np.float16))  # on disk before status says so
+            features.write(batch.rows, _encode(encoder, batch.images, precision))  # on disk before status says so
             status[batch.rows] = DONE
             encoded += len(batch.rows)
         for row, _ in batch.failures:
@@ -302,26 +341,29 @@ def extract_features(
     *,
     encoder: str | ImageEncoder = "efficientnet-lite0",
     image_size: int = 224,
-    batch_size: int = 4,  # measured: 4 images per CNN call are 1.4-1.8x faster than 32 on a 2-core CPU (cache)
+    batch_size: int | None = None,  # None: CPU_BATCH on the CPU, GPU_BATCH on a GPU
     threads: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
 ) -> dict:
     """Encode every image of DATA_DIR/dataset.json not yet done into DATA_DIR/features/<encoder>-<size>/.
 
     encoder: a name from ENCODERS (built pretrained), or a built ImageEncoder whose spec.image_size must equal
-    image_size. Rows with status 0 (never done) or 2 (failed before) are processed; unreadable images get status 2
-    and one line on stderr. threads: torch threads for the CNN (None: leave as is). Returns a summary dict.
+    image_size (it is moved to `device`). Rows with status 0 (never done) or 2 (failed before) are processed;
+    unreadable images get status 2 and one line on stderr. threads: torch threads for the CNN (None: leave as
+    is). device: "auto" (CUDA when torch sees it, else the CPU), "cpu", "cuda", "cuda:N", "mps". precision:
+    "auto" (encoders.AUTO_PRECISION: fp32, see there), "fp32", "bf16" or "fp16" (GPUs). Returns a summary dict.
 
     Under torchrun each process encodes every world-th image still to do, into the same features.f16 (rows
-    are disjoint); each keeps its own status file (status.rank<r>.u8) that rank 0 merges at the end, and
-    at the start of any later run, so a killed distributed extraction resumes like a single one.
+    are disjoint), on its own GPU with CUDA (auto: cuda:$LOCAL_RANK); each keeps its own status file
+    (status.rank<r>.u8) that rank 0 merges at the end, and at the start of any later run, so a killed
+    distributed extraction resumes like a single one.
     """
+    encoder, device, precision = _encoder_on(device, precision, encoder, image_size)
     dist = Distributed.from_env()
-    if isinstance(encoder, str):
-        encoder = build_encoder(encoder, image_size)
-    elif encoder.spec.image_size != image_size:
-        raise ValueError(f"encoder was built for {encoder.spec.image_size} px, image_size={image_size}")
+    batch_size = batch_size or (CPU_BATCH if device.type == "cpu" else GPU_BATCH)
     image_root, files = read_image_list(data_dir)
     if not files:
         raise FeatureStoreError(f"{Path(data_dir) / 'dataset.json'} lists no images")
@@ -345,13 +387,15 @@ def extract_features(
 
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc=path.name, disable=not progress or not dist.main, dynamic_ncols=True)
-    batches = _prefetch(lambda rows: _load_batch(rows, paths, encoder.preprocess), chunks)
+    pin, workers = device.type == "cuda", _decode_threads(device)
+    batches = _prefetch(lambda rows: _load_batch(rows, paths, encoder.preprocess, pin), chunks, 2 * workers, workers)
     rows = _Rows(path / "features.f16", index)
-    with _torch_threads(threads) as n_threads, bar, closing(batches), closing(rows):
-        encoded, waited = _run(encoder, batches, rows, status, commit, bar)
+    with (_torch_threads(threads) as n_threads, _ieee_convolutions(device, precision), bar, closing(batches),
+          closing(rows)):
+        encoded, waited = _run(encoder, batches, rows, status, commit, bar, precision)
     seconds = time.perf_counter() - start
-    if dist.world > 1:
-        status, encoded = _finish_distributed(dist, path, index), int(dist.sum(encoded))
+    if dist.world > 1:  # gather, not all_reduce: NCCL would want the count in a CUDA tensor
+        status, encoded = _finish_distributed(dist, path, index), sum(dist.gather(encoded))
     failed = [f for f in index["failures"] if status[f["index"]] == FAILED]
     return {
         "store": str(path),
@@ -366,8 +410,34 @@ def extract_features(
         "images_per_s": round(encoded / seconds, 2) if seconds > 0 else 0.0,
         "decode_wait_s": round(waited, 3),  # time the CNN spent waiting for decoded images
         "threads": n_threads,
+        "device": str(device),
+        "precision": precision,
+        "batch_size": batch_size,
         "bytes_per_image": index["P"] * index["D"] * 2,
     }
+
+
+def _encoder_on(device: str | torch.device, precision: str, encoder: str | ImageEncoder,
+                image_size: int) -> tuple[ImageEncoder, torch.device, str]:
+    """(the encoder, built or checked, on the device; the device; the precision), both resolved (ValueError)."""
+    device = resolve_device(device)
+    precision = resolve_precision(AUTO_PRECISION if precision == "auto" else precision, device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.cuda.set_device(device)  # NCCL's collectives (barrier, gather) run on the current device
+    if isinstance(encoder, str):
+        encoder = build_encoder(encoder, image_size)
+    elif encoder.spec.image_size != image_size:
+        raise ValueError(f"encoder was built for {encoder.spec.image_size} px, image_size={image_size}")
+    return encoder.to(device), device, precision
+
+
+def _decode_threads(device: torch.device) -> int:
+    """Threads decoding images: one beside a CPU CNN (which takes the cores); on a GPU, the cores this process
+    shares with the others on its machine (torchrun's LOCAL_WORLD_SIZE), up to MAX_DECODE_THREADS."""
+    if device.type == "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_DECODE_THREADS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def _merge_rank_status(path: Path) -> np.ndarray:

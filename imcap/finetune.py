@@ -69,15 +69,19 @@ class EncoderTuner:
 
     features(rows) decodes the images of dataset rows and encodes them: the frozen lower blocks always run
     without autograd; the top blocks build a graph when grad is enabled (training), not in validation.
+    The encoder's blocks live on `device`; load(rows) decodes pixels on the CPU (the trainer's feeding thread
+    may call it ahead of time) and encode(pixels) moves them to the device and encodes them there.
     """
 
     def __init__(self, data_dir: str | os.PathLike, spec: EncoderSpec, cfg: TrainConfig,
                  dist: Distributed = Distributed(), encoder: ImageEncoder | None = None,
-                 weights: dict[str, torch.Tensor] | None = None):
+                 weights: dict[str, torch.Tensor] | None = None, device: torch.device = torch.device("cpu")):
         check_finetune_config(cfg, spec, dist)
         self.encoder = base_encoder(spec, encoder)
         if weights is not None:  # resuming, or going on from a fine-tuned run
             self.encoder.load_top_state(weights)
+        self.device = device
+        self.encoder.to(device)
         self.blocks = cfg.finetune_blocks
         self.params = self.encoder.trainable_top_blocks(self.blocks)  # ValueError if blocks > the trunk's blocks
         # BatchNorm stays in eval mode for the whole run: its running statistics stay the pretrained ones
@@ -93,11 +97,19 @@ class EncoderTuner:
         return [{"params": self.params, "lr_scale": self.lr_scale}]
 
     def features(self, rows: np.ndarray) -> torch.Tensor:
-        """Annotations (I, P, D) of dataset rows (I,), encoded from their images now."""
-        batch = _load_batch(rows, self.paths, self.encoder.preprocess)
+        """Annotations (I, P, D) of dataset rows (I,), encoded from their images now (on the device)."""
+        return self.encode(self.load(rows))
+
+    def load(self, rows: np.ndarray) -> torch.Tensor:
+        """The preprocessed pixels (I, 3, S, S) of dataset rows, on the CPU; ImageError for an unreadable image."""
+        batch = _load_batch(np.asarray(rows, dtype=np.int64), self.paths, self.encoder.preprocess)
         if batch.failures:
             raise ImageError(batch.failures[0][1])
-        return encode(self.encoder, batch.images, self.blocks)
+        return batch.images
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (I, 3, S, S) from load -> annotations (I, P, D) on the device."""
+        return encode(self.encoder, pixels.to(self.device, non_blocking=True), self.blocks)
 
     def state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps of the encoder: the trained top blocks and head (their BatchNorm buffers too)."""

@@ -117,7 +117,7 @@ class SoftAttention(nn.Module):
             e = fastpath.energies(memory.projected, hidden, self.score.weight)  # (M, W, P)
         else:
             e = self.score(torch.tanh(memory.projected.unsqueeze(1) + hidden)).squeeze(3)  # (M, W, P)
-        alpha = F.softmax(e, dim=2)  # (M, W, P)
+        alpha = F.softmax(e.float(), dim=2)  # (M, W, P) in fp32 under autocast too (CPU autocast keeps bf16)
         context = torch.bmm(alpha, memory.features)  # (M, W, D): each image's features read once for its W rows
         return context.view(M * W, -1), alpha.view(M * W, P)
 
@@ -169,7 +169,7 @@ class ShowAttendTell(nn.Module):
         emb = self.embedding(tokens)  # (B, m)
         state, context, alpha, _ = self._advance(self.gates_e(emb), state, memory)
         logits = self._output(emb, state[0], context)  # (B, V)
-        return F.log_softmax(logits, dim=-1), state, alpha
+        return F.log_softmax(logits.float(), dim=-1), state, alpha  # fp32 under autocast too (CPU's keeps bf16)
 
     # --- teacher-forced training ---------------------------------------------------------------
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
@@ -214,7 +214,7 @@ class ShowAttendTell(nn.Module):
         logits = self._output(emb, hs, contexts)  # (S, V), batched over time
         at = (order[row], col)  # each packed position in (B, L-1), in the caller's row order
         logits = logits.new_zeros(B, L - 1, logits.size(1)).index_put_(at, logits)  # (B, L-1, V)
-        alphas = logits.new_zeros(B, L - 1, features.size(1)).index_put_(at, alphas)  # (B, L-1, P)
+        alphas = alphas.new_zeros(B, L - 1, features.size(1)).index_put_(at, alphas)  # (B, L-1, P), fp32
         if return_samples:
             inverse = torch.argsort(order)  # (B,)
             return logits, alphas, HardSamples(log_prob_s[inverse], entropy[inverse], sampled[inverse])

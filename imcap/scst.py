@@ -121,7 +121,8 @@ def sample_captions(model, features: torch.Tensor, samples: int, max_length: int
     features: (I, P, D). Returns tokens (I * samples, T) and their log probabilities (I * samples, T), rows
     grouped by image; positions after a caption's <end> hold PAD and log probability 0. A caption that
     reaches max_length words without <end> stops there. <pad> and <start> are never drawn: the policy is the
-    model's distribution renormalised over the other tokens.
+    model's distribution renormalised over the other tokens. Runs on the features' device; log probabilities
+    are float32 under autocast too.
     """
     memory = model.attend_memory(features)  # rows (I): an image's samples share its memory (model.step)
     state = tuple(s.repeat_interleave(samples, dim=0) for s in model.init_state(memory))  # rows (R = I * samples)
@@ -133,7 +134,7 @@ def sample_captions(model, features: torch.Tensor, samples: int, max_length: int
     out_tokens, out_lp = [], []
     for _ in range(max_length + 1):  # max_length words, then one last chance for <end>
         lp, state, _alpha = model.step(tokens, state, memory)  # (R, V)
-        lp = lp.index_fill(1, banned, float("-inf"))
+        lp = lp.float().index_fill(1, banned, float("-inf"))  # fp32 under autocast too (the REINFORCE term's)
         lp = lp - lp.logsumexp(1, keepdim=True)  # the policy: the model's distribution over real words
         tokens = torch.multinomial(lp.detach().exp(), 1).squeeze(1)  # (R,)
         tokens = torch.where(alive, tokens, PAD)

@@ -7,9 +7,11 @@
     GET  /              the web page (imcap/web/: plain HTML/CSS/JS, nothing from the internet)
     GET  /openapi.json  the schema of all of this
 
-The model is loaded once and checked by captioning a blank image (`self_check`): a checkpoint that cannot
-caption never starts a server. Captioning is CPU-bound: it runs in a pool of `max_concurrency` worker
-threads, at most `max_queue` requests wait for a worker, and any more get 503 with Retry-After.
+The model is loaded once, on its device (`imcap serve --device`, default auto: CUDA when torch sees it), and
+checked there by captioning a blank image (`self_check`): a checkpoint that cannot caption never starts a
+server. Captioning runs in a pool of `max_concurrency` worker threads (images are decoded on the CPU there, the
+CNN and the search run on the device), at most `max_queue` requests wait for a worker, and any more get 503
+with Retry-After.
 
 What one request may ask for is bounded before any work is done (`Limits`, also in GET /v1/model): its cost,
 images x beam_size x max_length, at most `max_cost`; overlays for at most `max_overlay_images` images and at
@@ -53,6 +55,7 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .api import Caption, Captioner
 from .checkpoint import CheckpointError
+from .devices import describe
 from .images import ImageError, open_image
 from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
 from .visualize import fit_square, heatmap_overlay
@@ -158,6 +161,10 @@ class ModelInfo(BaseModel):
     epochs: int | None = Field(None, description="epochs trained")
     metrics: dict[str, float | None] = Field(description="validation scores of this checkpoint (0-1; CIDEr ~0-10)")
     limits: Limits
+    device: str = Field(description="where the model runs: cpu, cuda:0, mps, ...")
+    device_name: str = Field(description="the device in words, e.g. cuda:0 (NVIDIA H200) or cpu (2 threads)")
+    precision: str = Field(description="of the search: fp32, bf16 or fp16 (autocast)")
+    encoder_precision: str = Field(description="of the CNN: fp32, bf16 or fp16")
     version: str = Field(description="imcap version")
 
 
@@ -467,6 +474,10 @@ def model_info(captioner: Captioner, limits: Limits) -> ModelInfo:
         epochs=progress.get("epoch"),
         metrics={k: (round(v, 4) if isinstance(v, (int, float)) else None) for k, v in (meta.get("metrics") or {}).items()},
         limits=limits,
+        device=str(captioner.device),
+        device_name=describe(captioner.device),
+        precision=captioner.precision,
+        encoder_precision=captioner.encoder_precision,
         version=__version__,
     )
 
@@ -608,17 +619,18 @@ def create_app(captioner: Captioner, *, max_upload_bytes: int = 10_000_000, max_
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
-          **limits: int) -> None:
-    """Load RUN_DIR once, check that it captions, and serve the API and the page with uvicorn until interrupted.
+          device: str | Any = "auto", precision: str = "auto", **limits: int) -> None:
+    """Load RUN_DIR once on `device` (Captioner.load's device and precision), check that it captions there, and
+    serve the API and the page with uvicorn until interrupted.
 
     limits: create_app's keyword arguments (max_upload_bytes, max_concurrency, max_queue, max_images, max_cost,
     max_overlay_images, max_overlays, max_reply_bytes, max_retry_after). CheckpointError, before listening,
     for a checkpoint that does not load or cannot caption a blank image."""
     import uvicorn
 
-    captioner = Captioner.load(run_dir)
+    captioner = Captioner.load(run_dir, device=device, precision=precision)
     app = create_app(captioner, **limits)
     info = app.state.info
-    print(f"imcap: serving {info.name} ({info.encoder.name}, {info.vocab_size} words) "
-          f"on http://{host if ':' not in host else f'[{host}]'}:{port}/", flush=True)
+    print(f"imcap: serving {info.name} ({info.encoder.name}, {info.vocab_size} words) on {info.device_name}, "
+          f"{info.precision} at http://{host if ':' not in host else f'[{host}]'}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -150,3 +150,19 @@ def test_usage_errors_exit_2_with_one_line_before_anything_is_loaded(tmp_path, a
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and err.startswith(f"imcap {argv[0]}: error: ")
     assert "Traceback" not in err and f"see imcap {argv[0]} --help" in err
+
+
+def test_a_rerun_that_would_ignore_changed_settings_is_refused(tiny_data, tmp_path, capsys):
+    args = ["train", str(tiny_data), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "16",
+            "--embed-dim", "8", "--hidden-dim", "8", "--attention-dim", "8", "--lr", "1e-3", "--quiet", "--threads", "1"]
+    assert main(args) == 0
+    before = (tmp_path / "run/checkpoint/checkpoint.json").read_text()
+    capsys.readouterr()
+    changed = [*args, "--lr", "1e-2", "--hidden-dim", "16"]  # later flags win
+    assert _exit_status(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--hidden-dim, --lr differ from the run's" in err
+    assert "only --epochs and --micro-batches may change on resume" in err
+    assert (tmp_path / "run/checkpoint/checkpoint.json").read_text() == before  # nothing was touched
+    assert main([*args, "--epochs", "2"]) == 0  # the same line with more epochs resumes
+    assert "resuming" in capsys.readouterr().out

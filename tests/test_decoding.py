@@ -6,7 +6,7 @@ import torch
 from imcap import decoding
 from imcap.decoding import DecodingOptions, beam_search, decode, greedy_search
 from imcap.model import ModelConfig, ShowAttendTell
-from imcap.text import END, START
+from imcap.text import END, START, UNK
 
 P, D, V = 6, 10, 23
 
@@ -158,6 +158,8 @@ def reference_search(model, features, beam_size, max_length, length_penalty=0.0)
             for lp_beam, words, alphas, state in beams:
                 lp, next_state, alpha = model.step(torch.tensor([words[-1] if words else START]), state, memory)
                 for v in range(lp.size(1)):
+                    if v == UNK:  # never chosen (DecodingOptions.allow_unk False)
+                        continue
                     candidates.append((lp_beam + lp[0, v], words + [v], alphas + [alpha[0]], next_state))
             candidates = sorted(candidates, key=lambda c: -float(c[0]))[: 2 * K]
             if n_finished < K:
@@ -237,3 +239,16 @@ def test_batched_search_equals_plain_reference_with_fewer_words_than_candidates(
     model, f, L = RowwiseStub(vocab_size=4), stub_features(STUB_LENGTHS), 8
     want = reference_search(model, f, beam, L, 0.5)
     assert_same(beam_search(model, f, DecodingOptions(beam_size=beam, max_length=L, n_best=beam, length_penalty=0.5)), want)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_unk_is_never_chosen_unless_allowed(beam):
+    torch.manual_seed(0)
+    model = ShowAttendTell(ModelConfig(vocab_size=12, feature_dim=8, embed_dim=6, hidden_dim=7, attention_dim=5)).eval()
+    with torch.no_grad():
+        model.out.bias[UNK] += 50.0  # the model's favourite word is <unk>
+    f = torch.rand(4, 3, 8)
+    shown = decode(model, f, DecodingOptions(beam_size=beam, max_length=6, n_best=beam))
+    assert all(UNK not in h.tokens for hyps in shown for h in hyps)
+    research = decode(model, f, DecodingOptions(beam_size=beam, max_length=6, allow_unk=True))
+    assert all(UNK in hyps[0].tokens for hyps in research)
