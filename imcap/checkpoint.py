@@ -260,7 +260,30 @@ def find_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:
         raise CheckpointError(f"{run_dir}: no such run directory (packaged models: {names})")
     if (run_dir / ENSEMBLE_FILE).is_file():
         raise CheckpointError(f"{run_dir}: an ensemble ({ENSEMBLE_FILE}) has no checkpoint of its own; name one of its member runs")
-    raise CheckpointError(f"{run_dir}: no checkpoint in this directory (train first: imcap train DATA_DIR --out {run_dir})")
+    raise CheckpointError(_no_checkpoint_here(run_dir))
+
+
+def _no_checkpoint_here(folder: Path) -> str:
+    """Why `folder`, an existing folder, holds no checkpoint, and what to name instead: its runs one level down
+    (e.g. demo-out -> demo-out/run), or, for a DATA_DIR, a run to train on it."""
+    runs = []
+    if folder.is_dir():
+        try:
+            subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+        except OSError:
+            subfolders = []
+        runs = [p for p in subfolders if (p / ENSEMBLE_FILE).is_file() or (p / "checkpoint.json").is_file()
+                or any((p / name / "checkpoint.json").is_file()
+                       for name in ("best", "checkpoint", "best.old", "checkpoint.old"))]
+    if runs:
+        shown_runs = ", ".join(str(p) for p in runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        which = f"the run {shown_runs} is one level down: name it" if len(runs) == 1 else \
+            f"the runs {shown_runs} are one level down: name one of them"
+        return f"{folder}: no checkpoint in this directory; {which}"
+    if (folder / "dataset.json").is_file() and (folder / "vocab.json").is_file():
+        return (f"{folder}: no checkpoint in this directory: it is a DATA_DIR (dataset.json, vocab.json); train a "
+                f"run on it first: imcap train {folder} --out runs/NAME")
+    return f"{folder}: no checkpoint in this directory (train first: imcap train DATA_DIR --out {folder})"
 
 
 def _existing(path: Path) -> Path:

@@ -1,7 +1,7 @@
 """The `imcap` command: parses arguments and calls the Python API; user mistakes become one-line errors.
 
 Exit status: 0 success; 1 the job ran but something failed (e.g. some images could not be captioned,
-a data file is malformed); 2 usage error.
+a data file is malformed); 2 usage error; 130 interrupted (Ctrl-C; `imcap train` first writes a checkpoint).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_THREADS = 1024
 MAX_BATCH = 65_536  # images or captions per batch
 MAX_DIM = 16_384  # model sizes (embedding, state, attention)
@@ -124,8 +124,7 @@ def cmd_train(a) -> int:
         "dropout": a.dropout, "gate": a.gate, "deep_output": a.deep_output,
         "attention": a.attention}.items() if v is not None}
     given = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__ if getattr(a, k, None) is not None}
-    if "encoder_lr" in given and not given.get("finetune_blocks"):
-        raise UsageError("--encoder-lr needs --finetune-blocks N")
+    _check_train_flags(a, given)
     stages = [("", Path(a.out), model_config, given, a.features)]  # (label, RUN_DIR, model, train config, store)
     if a.preset:
         stages = _preset_stages(a, model_config, given)
@@ -138,8 +137,13 @@ def cmd_train(a) -> int:
                              f"only --epochs and --micro-batches may change on resume (or use a new --out)")
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports and writes
     for label, out, model, cfg, features in stages:
-        summary = train(a.data_dir, out, model_config=model, train_config=TrainConfig(**cfg), features=features,
-                        progress=not a.quiet, device=device, precision=precision)
+        try:
+            summary = train(a.data_dir, out, model_config=model, train_config=TrainConfig(**cfg), features=features,
+                            progress=not a.quiet, device=device, precision=precision)
+        except KeyboardInterrupt:  # train.TrainingInterrupted says what was kept: rank 0 reports it (main)
+            if rank0:
+                raise
+            return EXIT_INTERRUPTED
         if not rank0:
             continue
         best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best_val"].items())
@@ -156,6 +160,26 @@ def cmd_train(a) -> int:
             write_json_atomic(Path(a.out) / ckpt.ENSEMBLE_FILE, {"members": members})
             print(f"ensemble of {len(members)} runs ({', '.join(members)}): {a.out}")
     return EXIT_OK
+
+
+def _check_train_flags(a, given: dict) -> None:
+    """UsageError for flags that contradict each other, found from the flags alone (what needs the data, the
+    encoder or a checkpoint is checked where those are read)."""
+    if "encoder_lr" in given and not given.get("finetune_blocks"):
+        raise UsageError("--encoder-lr needs --finetune-blocks N")
+    if given.get("finetune_blocks"):
+        if a.preset:
+            raise UsageError(f"--preset {a.preset} trains on the cached features; drop --finetune-blocks (then "
+                             f"fine-tune its run: --init-from RUN_DIR --finetune-blocks N)")
+        if not given.get("init_from"):
+            raise UsageError("--finetune-blocks needs --init-from RUN_DIR: fine-tune a decoder trained on cached "
+                             "features")
+        if given.get("objective") == "scst":
+            raise UsageError("--finetune-blocks works with the cross-entropy objective only (not --objective scst)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--finetune-blocks runs in one process (not under torchrun)")
+    if a.scst_epochs is not None and not a.preset:
+        raise UsageError("--scst-epochs needs --preset (with --objective scst, --epochs counts the SCST epochs)")
 
 
 def _preset_stages(a, model_config: dict, given: dict) -> list[tuple[str, Path, dict | None, dict, str]]:
@@ -203,8 +227,8 @@ def cmd_evaluate(a) -> int:
     device, precision = _device(a)
     captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble], device=device, precision=precision)
     report = evaluate(a.run_dir, a.data, split=a.split, options=options, limit=a.limit, captioner=captioner)
-    if a.json:
-        print(json.dumps(report["scores"]))
+    if a.json:  # the seven metrics first, then the attention grounding score where there is one (synthetic scenes)
+        print(json.dumps({**report["scores"], **({"grounding": report["grounding"]} if report.get("grounding") else {})}))
     else:
         print(f"{report['split']}: {report['images']} images, beam {a.beam}")
         for k, v in report["scores"].items():
@@ -224,6 +248,7 @@ def cmd_caption(a) -> int:
     device, precision = _device(a)
     captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble], device=device, precision=precision)
     failed = 0
+    figures: dict[str, str] = {}  # the attention figures written by this command (casefolded paths) -> their images
     if a.attention:
         Path(a.attention).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(a.images), a.batch_size):
@@ -235,7 +260,7 @@ def cmd_caption(a) -> int:
             failed += r.error is not None
             _print_caption(r, a.json)
             if a.attention and r.error is None:
-                failed += not _save_attention(captioner, r, Path(a.attention))
+                failed += not _save_attention(captioner, r, Path(a.attention), figures)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -250,14 +275,32 @@ def _print_caption(r, as_json: bool) -> None:
             print(f"{'':{len(r.image)}}\t{alt.caption}\t{alt.score:.3f}", flush=True)
 
 
-def _save_attention(captioner, r, out_dir: Path) -> bool:
-    """Write OUT_DIR/<stem>.attention.png for caption `r`; False, after one error line naming the image and
-    the figure, when it cannot be made (the batch goes on)."""
+def _figure_path(out_dir: Path, image: str, figures: dict[str, str]) -> Path:
+    """OUT_DIR/<stem>.attention.png, or <stem>-2.attention.png, -3... when this command wrote that one already
+    (two photo.jpg in different folders; names compared casefolded, as macOS and Windows do), with a note naming
+    the image whose figure has the plain name. The name is taken in `figures`."""
+    stem = Path(image).stem
+    plain = out_dir / f"{stem}.attention.png"
+    path, n = plain, 1
+    while str(path).casefold() in figures:
+        n += 1
+        path = out_dir / f"{stem}-{n}.attention.png"
+    if n > 1:
+        print(f"imcap caption: note: {image}: attention figure {path} ({plain.name} is "
+              f"{figures[str(plain).casefold()]}'s)", file=sys.stderr, flush=True)
+    figures[str(path).casefold()] = image  # taken even if the figure fails: no later image gets a failed one's name
+    return path
+
+
+def _save_attention(captioner, r, out_dir: Path, figures: dict[str, str]) -> bool:
+    """Write OUT_DIR/<stem>.attention.png for caption `r` (never over a figure in `figures`, those this command
+    wrote: _figure_path); False, after one error line naming the image and the figure, when it cannot be made
+    (the batch goes on)."""
     from .images import ImageError, load_image
     from .visualize import save_attention_figure
 
     tokens = r.tokens + (["<end>"] if r.finished else [])
-    path = out_dir / (Path(r.image).stem + ".attention.png")
+    path = _figure_path(out_dir, r.image, figures)
     try:
         save_attention_figure(path, load_image(r.image), tokens, r.alphas, caption=r.caption)
         return True
@@ -456,8 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed")
     s.set_defaults(func=cmd_demo)
 
-    for s in sub.choices.values():
-        s.add_argument("--threads", type=_count(1, MAX_THREADS), help="torch threads (default: all cores)")
+    for name, s in sub.choices.items():
+        if name not in ("synth", "prepare", "download"):  # those run no torch
+            s.add_argument("--threads", type=_count(1, MAX_THREADS), help="torch threads (default: all cores)")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     for name in ("features", "train", "evaluate", "caption", "serve", "demo"):
         s = sub.choices[name]
@@ -509,9 +553,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imcap {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"imcap {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # train.TrainingInterrupted: where training stopped, what it wrote
+        print(f"imcap {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ computes exactly what two processes (torchrun, rows rank::2) compute.
 
 End to end (TrainConfig.finetune_blocks > 0): annotations come from finetune.EncoderTuner, which encodes the
 images with the top encoder blocks in training, instead of from the store; everything else is the same.
+
+Ctrl-C (SIGINT) in one process: the step in progress finishes, the checkpoint is written at that step boundary
+(what checkpoint_every writes mid-epoch, so re-running resumes exactly there) and TrainingInterrupted says so; in
+validation it stops at once and keeps the epoch's steps. A second Ctrl-C before the write stops without it; one
+during the write is ignored. Under torchrun Ctrl-C stops without a checkpoint (the ranks would have to agree on
+the step): the re-run resumes from the last one.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -130,6 +137,45 @@ class Progress:
     epoch_seen: int = 0  # captions (SCST: images) trained on
     epoch_seconds: float = 0.0
     epoch_wait_seconds: float = 0.0  # of epoch_seconds, the training thread's wait for batches
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped Trainer.train; the message (one line) says where, what was written and how to go on."""
+
+
+class _CtrlC:
+    """What SIGINT does while training (active: one process, in the main thread; else Ctrl-C stays the plain
+    KeyboardInterrupt). In mode "step" the first sets `requested` (training checkpoints at the next step boundary
+    and stops) and a second raises KeyboardInterrupt; "at_once" (validation, which nothing resumes from) raises
+    on the first; "shielded" (a checkpoint being written) only sets `requested`."""
+
+    def __init__(self, active: bool):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._mode = "step"
+        self._previous = None
+
+    def __enter__(self) -> "_CtrlC":
+        if self.active:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+    @contextlib.contextmanager
+    def mode(self, mode: str) -> Iterator[None]:
+        before, self._mode = self._mode, mode
+        try:
+            yield
+        finally:
+            self._mode = before
+
+    def _handle(self, signum, frame) -> None:
+        if self._mode == "at_once" or (self._mode == "step" and self.requested):
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 class CaptionPairs:
@@ -262,6 +308,8 @@ class Trainer:
                                             **overrides).validate()
         self.cfg.validate()
         self.init_encoder_weights: dict[str, torch.Tensor] | None = None  # set by _initial_weights
+        self._ctrl_c = _CtrlC(False)  # train() installs an active one
+        self._session = [0, 0.0]  # steps trained by this process and their seconds (validation apart): the ETA
         init = self._initial_weights() if not saved and self.cfg.init_from else None
         self.log(f"training on {describe(self.device)}, {self.precision}")
         torch.manual_seed(self.cfg.seed)
@@ -357,9 +405,10 @@ class Trainer:
         """Rank 0 writes; the others have the same weights."""
         if not self.dist.main:
             return
-        ckpt.save_checkpoint(self.out_dir / name, self.model, self.checkpoint_meta(metrics),
-                             self.optimizer if name == "checkpoint" else None,
-                             encoder_weights=self.tuner.state() if self.tuner else None)
+        with self._ctrl_c.mode("shielded"):  # a Ctrl-C while writing waits for the write (which is atomic anyway)
+            ckpt.save_checkpoint(self.out_dir / name, self.model, self.checkpoint_meta(metrics),
+                                 self.optimizer if name == "checkpoint" else None,
+                                 encoder_weights=self.tuner.state() if self.tuner else None)
 
     def features(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Annotations (I, P, D) of feature rows: cached, or encoded from the images by the fine-tuned encoder
@@ -368,22 +417,39 @@ class Trainer:
         return self.tuner.features(rows) if self.tuner else self.store.get(rows).to(self.device)
 
     def train(self, progress_bar: bool = True, stop_after_steps: int | None = None) -> dict:
-        """Run until cfg.epochs, early stopping, or stop_after_steps global steps (then checkpoint and return)."""
+        """Run until cfg.epochs, early stopping, or stop_after_steps global steps (then checkpoint and return).
+        Ctrl-C: TrainingInterrupted (a KeyboardInterrupt) after a checkpoint at the step boundary (module docstring)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.main:
             remove_stale_temporaries(self.out_dir)  # a run killed while writing metrics.jsonl
-        cfg, p = self.cfg, self.progress
+        p = self.progress
         writer = _tensorboard(self.out_dir / "tb", p.global_step) if self.dist.main else None
-        total_steps = cfg.epochs * self.steps_per_epoch
-        options = DecodingOptions(beam_size=cfg.val_beam, max_length=cfg.val_max_length)
         self.model.train()
         if self.dist.main and p.history:  # a kill after the last checkpoint may have left it an epoch short
             write_jsonl_atomic(self.out_dir / "metrics.jsonl", p.history)
-        stopped = "epochs"
+        self._ctrl_c = _CtrlC(self.dist.world == 1)
+        try:
+            with self._ctrl_c:
+                return self._train_epochs(progress_bar, stop_after_steps, writer)
+        except KeyboardInterrupt as e:
+            if isinstance(e, TrainingInterrupted):
+                raise
+            raise TrainingInterrupted(self._stopped_without_checkpoint()) from None
+        finally:
+            self._ctrl_c = _CtrlC(False)
+            if writer:
+                writer.close()
+
+    def _train_epochs(self, progress_bar: bool, stop_after_steps: int | None, writer) -> dict:
+        cfg, p = self.cfg, self.progress
+        total_steps = cfg.epochs * self.steps_per_epoch
+        options = DecodingOptions(beam_size=cfg.val_beam, max_length=cfg.val_max_length)
         while p.epoch < cfg.epochs:
             if cfg.patience and p.epochs_since_best >= cfg.patience:
-                stopped = "early stopping"
-                break
+                return self._summary("early stopping")
+            if self._ctrl_c.requested:  # Ctrl-C while the last epoch's end was written
+                self.save()
+                raise self._interrupted()
             generator = torch.Generator().manual_seed(cfg.seed * 100_003 + p.epoch)
             if cfg.objective == "scst":
                 order = self.train_images[torch.randperm(len(self.train_images), generator=generator)]
@@ -393,7 +459,8 @@ class Trainer:
             t0 = time.time() - p.epoch_seconds  # the seconds before a mid-epoch resume count too
             bar = tqdm(total=len(batches), initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
                        disable=not progress_bar or not self.dist.main, leave=False, file=sys.stderr, dynamic_ncols=True)
-            with contextlib.closing(self._feed(batches[p.step_in_epoch :])) as feed:
+            with contextlib.closing(self._feed(batches[p.step_in_epoch :])) as feed, contextlib.closing(bar):
+                clock = time.perf_counter()
                 for idx, batch in feed:
                     lr = learning_rate(cfg, p.global_step, total_steps)
                     for group in self.optimizer.param_groups:
@@ -406,27 +473,65 @@ class Trainer:
                     for k, v in parts.items():
                         p.epoch_part_sums[k] = p.epoch_part_sums.get(k, 0.0) + v
                     p.epoch_seconds = time.time() - t0
+                    clock, seconds = time.perf_counter(), time.perf_counter() - clock
+                    self._session[0] += 1
+                    self._session[1] += seconds
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", caps_per_s=f"{p.epoch_seen / max(p.epoch_seconds, 1e-9):.0f}",
-                                    data_wait=f"{p.epoch_wait_seconds / max(p.epoch_seconds, 1e-9):.0%}")
+                    bar.set_postfix({"loss": f"{loss:.3f}", **({"xent": f"{parts['xent']:.3f}"} if "xent" in parts else {}),
+                                     "caps_per_s": f"{p.epoch_seen / max(p.epoch_seconds, 1e-9):.0f}",
+                                     "data_wait": f"{p.epoch_wait_seconds / max(p.epoch_seconds, 1e-9):.0%}",
+                                     "run_eta": _duration(self._run_eta(total_steps))})  # in this order
                     if writer and p.global_step % 20 == 0:
                         writer.add_scalar("train/loss", loss, p.global_step)
                         for k, v in parts.items():
                             writer.add_scalar(f"train/{k}", v, p.global_step)
                         writer.add_scalar("train/lr", lr, p.global_step)
+                    if self._ctrl_c.requested:  # Ctrl-C during this step: keep it
+                        bar.close()
+                        self.save()
+                        raise self._interrupted(len(batches))
                     if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0 and p.step_in_epoch < len(batches):
                         self.save()
                     if stop_after_steps is not None and p.global_step >= stop_after_steps:
                         bar.close()
                         self.save()
                         return self._summary("step limit")
-            bar.close()
             steps = max(p.step_in_epoch, 1)
             self._end_epoch(options, p.epoch_loss_sum / steps if p.step_in_epoch else float("nan"), time.time() - t0,
-                            p.epoch_seen, writer, {k: v / steps for k, v in p.epoch_part_sums.items()})
-        if writer:
-            writer.close()
-        return self._summary(stopped)
+                            p.epoch_seen, writer, {k: v / steps for k, v in p.epoch_part_sums.items()}, total_steps)
+        return self._summary("epochs")
+
+    def _run_eta(self, total_steps: int) -> float:
+        """Seconds left in the run at this session's speed: the steps left, and one validation (as long as the
+        last) at the end of each epoch left; early stopping may end it sooner."""
+        p = self.progress
+        steps, seconds = self._session
+        per_step = seconds / steps if steps else 0.0
+        validations = self.cfg.epochs - p.epoch
+        val_seconds = p.history[-1].get("val_seconds", 0.0) if p.history else 0.0
+        return max(total_steps - p.global_step, 0) * per_step + validations * val_seconds
+
+    def _interrupted(self, steps: int = 0, validating: bool = False) -> TrainingInterrupted:
+        """The Ctrl-C report once the checkpoint at this point is written (steps: the epoch's batches)."""
+        p = self.progress
+        if validating:
+            where = f"in the validation of epoch {p.epoch + 1} (its {p.step_in_epoch} steps are kept)"
+        elif p.step_in_epoch == 0:
+            where = f"after epoch {p.epoch} of {self.cfg.epochs}"
+        else:
+            where = f"at epoch {p.epoch + 1}, step {p.step_in_epoch} of {steps}"
+        return TrainingInterrupted(f"interrupted {where}: checkpoint written to {self.out_dir / 'checkpoint'}; "
+                                   f"run the same command to resume")
+
+    def _stopped_without_checkpoint(self) -> str:
+        """The report of a Ctrl-C that wrote nothing: a second one before the checkpoint, or any under torchrun."""
+        why = ("under torchrun Ctrl-C writes no checkpoint" if self.dist.world > 1
+               else "a second Ctrl-C stopped it before the checkpoint was written")
+        p = self.progress
+        saved = any((self.out_dir / name / "checkpoint.json").is_file() for name in ("checkpoint", "checkpoint.old"))
+        then = ("run the same command to resume from the last checkpoint" if saved
+                else "no checkpoint yet: the same command starts over")
+        return f"interrupted at epoch {p.epoch + 1}, step {p.step_in_epoch} ({why}); {then}"
 
     def _batches(self, order: torch.Tensor) -> list[torch.Tensor]:
         """Split an epoch's order into batches; with N processes no batch is smaller than N captions."""
@@ -535,11 +640,25 @@ class Trainer:
         return torch.searchsorted(self.train_images, rows.contiguous()).tolist()  # rows k::N of a micro-batch
 
     def _end_epoch(self, options: DecodingOptions, loss: float, seconds: float, seen: int, writer,
-                   parts: dict[str, float]) -> None:
+                   parts: dict[str, float], total_steps: int) -> None:
         p = self.progress
         t0 = time.time()
-        scores, hyps = validate(self.model, self.images, self.store, self.vocab, options, self.cfg.val_images,
-                                dist=self.dist, features=self.features, precision=self.precision)
+        try:
+            with self._ctrl_c.mode("at_once"):  # validation changes nothing: Ctrl-C stops it at once
+                scores, hyps = validate(self.model, self.images, self.store, self.vocab, options, self.cfg.val_images,
+                                        dist=self.dist, features=self.features, precision=self.precision)
+        except KeyboardInterrupt:
+            if not self._ctrl_c.active:
+                raise
+            self.model.train()
+            self.save()  # all the epoch's steps: the re-run validates, then goes on
+            raise self._interrupted(validating=True) from None
+        with self._ctrl_c.mode("shielded"):  # the epoch's record, checkpoints and metrics.jsonl: Ctrl-C waits
+            self._record_epoch(scores, hyps, loss, seconds, seen, writer, parts, t0, total_steps)
+
+    def _record_epoch(self, scores: dict, hyps: dict, loss: float, seconds: float, seen: int, writer,
+                      parts: dict[str, float], t0: float, total_steps: int) -> None:
+        p = self.progress
         wait_share = p.epoch_wait_seconds / max(seconds, 1e-9)  # of the training thread's epoch, waiting for data
         p.epoch += 1
         p.step_in_epoch, p.epoch_loss_sum, p.epoch_part_sums, p.epoch_seen, p.epoch_seconds = 0, 0.0, {}, 0, 0.0
@@ -561,10 +680,13 @@ class Trainer:
             writer.add_scalar("train/epoch_loss", loss, p.global_step)
             writer.flush()
         example = next(iter(hyps.items()), None)
-        self.log(f"epoch {p.epoch}: loss {loss:.3f}, {record['captions_per_s']:.0f} captions/s "
-                 f"({wait_share:.0%} waiting for data), "
+        left = self.cfg.epochs - p.epoch
+        self.log(f"epoch {p.epoch}: loss {loss:.3f}{_loss_parts(parts, self.cfg.alpha_c)}, "
+                 f"{record['captions_per_s']:.0f} captions/s ({wait_share:.0%} waiting for data), "
                  + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k in ("BLEU-4", "CIDEr"))
                  + (" (best)" if improved else "")
+                 + (f"; {left} of {self.cfg.epochs} epochs to go, run ETA {_duration(self._run_eta(total_steps))}"
+                    if left else "")
                  + (f"  e.g. {example[0]}: {' '.join(example[1])}" if example else ""))
         if improved:
             self.save("best", metrics=scores)
@@ -664,6 +786,22 @@ def _check_progress(progress: dict) -> None:
     parts = progress.get("epoch_part_sums", {})
     if not isinstance(parts, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in parts.values()):
         raise ValueError(f"'progress.epoch_part_sums' must map names to numbers, got {str(parts)[:40]!r}")
+
+
+def _loss_parts(parts: dict[str, float], alpha_c: float) -> str:
+    """' (xent 2.850 + 1.0 x penalty 0.360)': what the cross-entropy loss is made of ('' for SCST)."""
+    if "xent" not in parts or "attention_penalty" not in parts:
+        return ""
+    hard = " + REINFORCE terms" if "reward" in parts else ""  # hard attention (model.caption_loss)
+    return f" (xent {parts['xent']:.3f} + {alpha_c:g} x penalty {parts['attention_penalty']:.3f}{hard})"
+
+
+def _duration(seconds: float) -> str:
+    """45 -> '45 s', 720 -> '12 min', 7500 -> '2 h 05 min'."""
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _train_images(images: list[dict], store: FeatureStore) -> torch.Tensor:

@@ -27,7 +27,9 @@ def test_evaluate_json_has_the_seven_metrics(run_dir, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(run_dir / "run"), "--split", "test", "--beam", "3", "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert list(scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"]
+    assert list(scores)[:7] == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"]
+    assert list(scores)[7:] == ["grounding"]  # after the seven, where there is one (synthetic scenes have boxes)
+    assert set(scores["grounding"]) == {"score", "chance", "words", "images"}
     assert scores["BLEU-1"] > 0.5  # learned something real about held-out scenes
     assert (run_dir / "run/eval/test-beam3.results.json").exists()
 

@@ -124,7 +124,7 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, xe_run):
 
 
 @pytest.mark.parametrize("flags, message, status", [
-    (["--finetune-blocks", "2"], "--finetune-blocks needs --init-from", 1),
+    (["--finetune-blocks", "2"], "--finetune-blocks needs --init-from", 2),  # from the flags alone: a usage error
     (["--finetune-blocks", "17", "--init-from", "XE"], "--finetune-blocks must be 1..16", 1),
     (["--encoder-lr", "1e-5"], "--encoder-lr needs --finetune-blocks", 2),  # a usage error, caught by the CLI
     (["--init-from", "FT"], "its encoder was fine-tuned", 1),
