@@ -23,6 +23,7 @@ from .decoding import DecodingOptions
 from .devices import autocast
 from .features import FeatureStore
 from .metrics import score_captions, write_coco_results
+from .packaged import resolve as resolve_packaged
 from .synth import mean_grounding
 
 
@@ -31,11 +32,14 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
              captioner: Captioner | None = None, device: str | torch.device = "auto", precision: str = "auto") -> dict:
     """Scores (BLEU-1..4, METEOR, ROUGE_L, CIDEr) of RUN_DIR's best checkpoint on DATA_DIR's `split`.
 
-    Writes RUN_DIR/eval/<split>-beam<K>[-lp<X>][-ensemble-<runs>].results.json (COCO results format) and
-    .scores.json beside it; an ensemble captioner (Captioner.load_ensemble) scores in its first run's folder.
+    Writes RUN_DIR/eval/<split>-beam<K>[-lp<X>][-unk][-ensemble-<runs>].results.json (COCO results format) and
+    .scores.json beside it (./eval/NAME/ for a packaged model); an ensemble captioner (Captioner.load_ensemble)
+    scores in its first run's folder.
     device, precision: where and how the search runs (Captioner.load's); a given captioner keeps its own.
     """
     captioner = captioner or Captioner.load(run_dir, device=device, precision=precision)
+    if data_dir is None and resolve_packaged(run_dir) is not None:
+        raise ValueError(f"{run_dir} is a packaged model, trained elsewhere: name the DATA_DIR to score it on with --data")
     data_dir = Path(data_dir or captioner.meta["data"]["data_dir"])
     meta, images = load_dataset(data_dir)
     t0 = time.time()
@@ -56,7 +60,9 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     else:
         refs = {images[i]["id"]: [" ".join(t) for t in images[i]["tokens"]] for i in rows}
         scores = score_captions(refs, hyps, tokenize=False)
-    out = Path(run_dir) / "eval"
+    # a packaged model's results go to ./eval/NAME: not into the package, nor into a ./NAME that would then
+    # shadow the packaged name
+    out = Path("eval") / str(run_dir) if resolve_packaged(run_dir) is not None else Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"{split}-beam{options.beam_size}" + (f"-lp{options.length_penalty:g}" if options.length_penalty else "")
             + ("-unk" if options.allow_unk else ""))

@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# Small matmuls are far slower with 2 threads when the other core is busy: tests use one.
+# Small matmuls are far slower with 2 threads when the other core is busy: tests use one, and so do the
+# imcap commands they run (in-process or as subprocesses), which follow OMP_NUM_THREADS when it is set.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -168,3 +168,12 @@ def test_a_rerun_that_would_ignore_changed_settings_is_refused(tiny_data, tmp_pa
     assert (tmp_path / "run/checkpoint/checkpoint.json").read_text() == before  # nothing was touched
     assert main([*args, "--epochs", "2"]) == 0  # the same line with more epochs resumes
     assert "resuming" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cores, load, threads", [(2, 0.1, 2), (2, 0.9, 1), (2, 1.4, 1), (2, 5.0, 1), (16, 3.2, 13), (1, 0.0, 1)])
+def test_default_threads_are_the_cores_idle_at_start(monkeypatch, cores, load, threads):
+    from imcap import cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+    assert cli.default_threads() == threads

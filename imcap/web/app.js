@@ -359,8 +359,9 @@
     try {
       const info = await (await fetch("/v1/model")).json();
       state.limits = info.limits;
-      const items = [info.name, `${info.encoder.name} · ${info.encoder.grid[0]}×${info.encoder.grid[1]} grid`,
-        `${info.vocab_size} words`];
+      const data = info.training_data || {};
+      const items = [info.name, `trained on ${data.name || data.format || "?"}${data.format && data.name !== data.format ? ` (${data.format})` : ""}`,
+        `${info.encoder.name} · ${info.encoder.grid[0]}×${info.encoder.grid[1]} grid`, `${info.vocab_size} words`];
       for (const key of ["BLEU-4", "CIDEr"]) {
         if (info.metrics && typeof info.metrics[key] === "number") items.push(`${key} ${info.metrics[key].toFixed(2)}`);
       }
