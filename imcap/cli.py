@@ -346,7 +346,9 @@ def cmd_serve(a) -> int:
     _threads(a.threads)
     device, precision = _device(a)
     serve(a.run_dir, a.host, a.port, max_upload_bytes=int(a.max_upload_mb * 1_000_000), max_concurrency=a.concurrency,
-          max_queue=a.queue, log_level="warning" if a.quiet else "info", device=device, precision=precision)
+          max_queue=a.queue, max_cost=a.max_cost, max_overlay_images=a.max_overlay_images, max_overlays=a.max_overlays,
+          max_reply_bytes=int(a.max_reply_mb * 1_000_000), log_level="warning" if a.quiet else "info", device=device,
+          precision=precision)
     return EXIT_OK
 
 
@@ -493,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-upload-mb", type=_bounded(float, 0, 100_000, low_open=True), default=10.0, help="largest request body in MB (all images together)")
     s.add_argument("--concurrency", type=_count(1, 256), default=1, help="requests captioned at the same time")
     s.add_argument("--queue", type=_count(0, 100_000), default=16, help="requests that may wait; more get 503 + Retry-After")
+    s.add_argument("--max-cost", type=_count(1, 10**9), default=2_400, help="most work one request may ask for, as "
+                   "images x beam_size x max_length (default 2,400: 16 images at beam 3 and length 30); more get 422")
+    s.add_argument("--max-overlay-images", type=_count(0, 1000), default=4, help="images per request that may have "
+                   "heat-map overlays (default 4)")
+    s.add_argument("--max-overlays", type=_count(0, 100_000), default=128, help="overlay PNGs per reply, counted as "
+                   "images x n_best x (max_length + 1) (default 128)")
+    s.add_argument("--max-reply-mb", type=_bounded(float, 0, 100_000, low_open=True), default=16.0,
+                   help="largest reply in MB, estimated from the options before any work (default 16)")
     s.set_defaults(func=cmd_serve)
 
     from .download import DATASETS

@@ -177,3 +177,13 @@ def test_default_threads_are_the_cores_idle_at_start(monkeypatch, cores, load, t
     monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
     assert cli.default_threads() == threads
+
+
+def test_serve_passes_its_request_limits_on(monkeypatch):
+    import imcap.server
+
+    seen = {}
+    monkeypatch.setattr(imcap.server, "serve", lambda run_dir, host, port, **kw: seen.update(kw))
+    assert main(["serve", "RUN", "--max-cost", "100", "--max-overlay-images", "1", "--max-overlays", "8",
+                 "--max-reply-mb", "2.5", "--device", "cpu"]) == 0
+    assert (seen["max_cost"], seen["max_overlay_images"], seen["max_overlays"], seen["max_reply_bytes"]) == (100, 1, 8, 2_500_000)
