@@ -112,12 +112,10 @@ def greedy_search(model, features: torch.Tensor, max_length: int = 30, allow_unk
             live, tokens, done = live[keep], tokens[keep], done[keep]
             state = _rows(state, keep)
             memory, buffers = _image_rows(image_memory, live, buffers)
-    seq = out_tokens[: t + 1].T  # (B, T)
-    alphas = out_alphas[: t + 1].transpose(0, 1)  # (B, T, P)
-    return [
-        Hypothesis(seq[b, : lengths[b]].tolist(), float(log_probs[b]), float(log_probs[b]), alphas[b, : lengths[b]].clone())
-        for b in range(B)
-    ]
+    seq = out_tokens[: t + 1].T.cpu().tolist()  # (B, T), one copy from the device, not one per image
+    alphas = out_alphas[: t + 1].transpose(0, 1).cpu()  # (B, T, P)
+    lengths, log_probs = lengths.tolist(), log_probs.tolist()
+    return [Hypothesis(seq[b][: lengths[b]], log_probs[b], log_probs[b], alphas[b, : lengths[b]].clone()) for b in range(B)]
 
 
 # The rows of images that are done are dropped from the batch once they are at least this share of it.
@@ -269,6 +267,7 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
         slot = torch.where(before, hist_parent[u, image, slot], slot)
         alphas[:, :, u] = hist_alpha[u, image, slot]
 
+    seq, alphas = seq.cpu().tolist(), alphas.cpu()  # one copy from the device, not one per hypothesis
     results = []
     for b, (scores, lps, lasts) in enumerate(zip(score.tolist(), log_prob.tolist(), last.tolist())):
         hyps = []
@@ -276,6 +275,6 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
             if scores[j] == neg_inf:
                 break
             n = lasts[j] + 1
-            hyps.append(Hypothesis(seq[b, j, :n].tolist(), lps[j], scores[j], alphas[b, j, :n].clone()))
+            hyps.append(Hypothesis(seq[b][j][:n], lps[j], scores[j], alphas[b, j, :n].clone()))
         results.append(hyps)
     return results
