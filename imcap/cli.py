@@ -395,11 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("prepare", help="read a caption dataset, tokenize, split, build the vocabulary")
-    s.add_argument("source", help="caption file (karpathy/coco/aic JSON, lines file) or the flickr8k folder")
-    s.add_argument("--format", required=True, choices=["karpathy", "coco", "flickr8k", "aic", "lines"], help="source format")
-    s.add_argument("--images", help="image folder, when not beside SOURCE")
+    s.add_argument("source", help="caption file (karpathy/coco/aic JSON, lines file), the flickr8k or flickr8k-cn folder, "
+                   "or an AI Challenger folder holding its train and validation folders")
+    s.add_argument("--format", required=True, choices=["karpathy", "coco", "flickr8k", "flickr8k-cn", "aic", "lines"], help="source format")
+    s.add_argument("--images", help="image folder, when not beside SOURCE (flickr8k-cn: default ../flickr8k/images)")
     s.add_argument("--out", required=True, help="DATA_DIR to write")
-    s.add_argument("--language", choices=["en", "zh", "space", "vi"], help="tokenizer (default: zh for aic, else en)")
+    s.add_argument("--language", choices=["en", "zh", "zh-char", "space", "vi"],
+                   help="tokenizer: zh = jieba words, zh-char = characters (default: zh for aic and flickr8k-cn, else en)")
     s.add_argument("--min-count", type=_count(1), default=5, help="words seen fewer times in train become <unk>")
     s.add_argument("--max-length", type=_count(1, 1000), default=30, help="words kept per caption for training")
     s.add_argument("--val-fraction", type=_bounded(float, 0, 1), default=0.1, help="share of images for val when the source has no split")

@@ -8,7 +8,11 @@ Formats (SOURCE is what `imcap prepare --format FMT SOURCE` takes):
               id = the COCO image id; no split inside.
     flickr8k  the folder with Flickr8k.token.txt ("name.jpg#k<TAB>caption") and Flickr_8k.{train,dev,test}Images.txt
               (dev -> val); images in none of them get split null (never used).
-    aic       AI Challenger caption JSON: [{"image_id": "x.jpg", "caption": ["...", ...]}]; Chinese; no split.
+    flickr8k-cn  the Flickr8K-CN folder: flickr8kzhc.caption.txt ("name.jpg#zhc#k caption", one space) and
+              flickr8k{train,val,test}.txt (image ids without ".jpg"); Chinese; the photos are Flickr8k's.
+    aic       AI Challenger caption JSON: [{"url", "image_id": "x.jpg", "caption": ["...", ...]}]; Chinese; no
+              split. Or a folder holding the genuine ai_challenger_caption_{train,validation}_*/ folders (or
+              their caption_*_annotations_*.json): train -> train, validation halved (seeded) into val and test.
     lines     "image, caption" lines (the first comma or tab separates; a header line, blank lines and stray
               spaces are tolerated); several lines per image are grouped; no split.
 
@@ -37,9 +41,10 @@ from tqdm import tqdm
 
 from .fileio import write_error, write_json_atomic
 from .images import ImageError, bomb_error, check_file, open_header
-from .text import Tokenizer, Vocabulary, get_tokenizer
+from .text import Tokenizer, Vocabulary, get_tokenizer, join_cjk_spaces
 
-FORMATS = ("karpathy", "coco", "flickr8k", "aic", "lines")
+FORMATS = ("karpathy", "coco", "flickr8k", "flickr8k-cn", "aic", "lines")
+CHINESE_FORMATS = ("flickr8k-cn", "aic")  # their language defaults to "zh"
 SPLITS = ("train", "val", "test")
 DATASET_VERSION = 1
 
@@ -221,23 +226,99 @@ def read_coco(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]
     return records, problems
 
 
-def read_aic(path: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]:
-    """Read an AI Challenger caption JSON: [{"image_id": "x.jpg", "caption": [...]}, ...]."""
+def read_aic(path: str | os.PathLike, seed: int = 0) -> tuple[list[ImageRecord], list[Problem]]:
+    """Read an AI Challenger caption JSON ([{"image_id": "x.jpg", "caption": [...]}, ...]; no split), or a
+    folder of the genuine layout (see `aic_files`): images of the train file in train, those of the validation
+    file halved into val and test (`halve`, seeded); a folder with only one of the two gets no split (prepare's
+    seeded split then applies). Files are then relative to the folder.
+
+    Captions are trimmed; whitespace inside one (a line break, a stray space between characters) is reported
+    as a problem and kept (the Chinese tokenizers ignore it)."""
     path = Path(path)
-    data = _read_json(path)
+    if not path.is_dir():
+        return _read_aic_file(path)
+    files = aic_files(path)
+    both = {split for split, _, _ in files} == set(AIC_SPLITS)
+    records, problems = [], []
+    for split, json_path, image_dir in files:
+        part, part_problems = _read_aic_file(json_path, prefix=f"{json_path.name}")
+        folder = image_dir.relative_to(path).as_posix()
+        for r in part:
+            r.file = f"{folder}/{r.file}" if folder != "." else r.file
+            r.split = "train" if split == "train" and both else None
+        if split == "validation" and both:
+            halve(part, seed)
+        records += part
+        problems += part_problems
+    return _unique_stem_ids(records), problems
+
+
+AIC_SPLITS = ("train", "validation")  # caption_<split>_annotations_<date>.json; the test sets carry no captions
+
+
+def aic_files(folder: Path) -> list[tuple[str, Path, Path]]:
+    """(split, caption JSON, image folder) of each caption_{train,validation}_annotations_*.json in `folder` or
+    its subfolders (ai_challenger_caption_train_20170902/...); the image folder is the JSON's
+    caption_*_images_* sibling, else its images/ sibling, else its own folder. DatasetError when there is none."""
+    found = []
+    for split in AIC_SPLITS:
+        hits = sorted([*folder.glob(f"caption_{split}_annotations_*.json"), *folder.glob(f"*/caption_{split}_annotations_*.json")])
+        if len(hits) > 1:
+            raise DatasetError(f"{folder}: {len(hits)} AI Challenger {split} caption files ({', '.join(h.name for h in hits)}): "
+                               "pass one of them")
+        for json_path in hits:
+            sibling = json_path.parent / json_path.stem.replace("annotations", "images")
+            image_dir = next((d for d in (sibling, json_path.parent / "images") if d.is_dir()), json_path.parent)
+            found.append((split, json_path, image_dir))
+    if not found:
+        raise DatasetError(f"{folder}: no AI Challenger caption file (caption_train_annotations_*.json or "
+                           "caption_validation_annotations_*.json, here or in a subfolder)")
+    return found
+
+
+def halve(records: list[ImageRecord], seed: int) -> None:
+    """Split `records` in place into val and test halves: ids sorted, shuffled by random.Random(seed), the
+    first round(n / 2) to val, the rest to test."""
+    ids = sorted(r.id for r in records)
+    random.Random(seed).shuffle(ids)
+    val = set(ids[: round(len(ids) / 2)])
+    for r in records:
+        r.split = "val" if r.id in val else "test"
+
+
+def _read_aic_file(path: Path, prefix: str = "") -> tuple[list[ImageRecord], list[Problem]]:
+    data = _read_json(path, _without(frozenset({"url"})))
     if not isinstance(data, list):
         raise DatasetError(f"{path}: not an AI Challenger caption JSON (expected a list of {{image_id, caption}} objects)")
-    records = []
+    records, problems = [], []
     for i, entry in enumerate(data):
         file = _get(entry, "image_id", str, path, f"[{i}]")
         captions = _get(entry, "caption", (list, str), path, f"[{i}]")
         captions = [captions] if isinstance(captions, str) else captions
         if not all(isinstance(c, str) for c in captions):
             raise DatasetError(f"{path}: [{i}].caption: expected a list of strings")
-        records.append(ImageRecord(_stem(file), file, None, [c.strip() for c in captions], key=f"[{i}]",
-                                   caption_keys=[f"[{i}].caption[{j}]" for j in range(len(captions))]))
+        keys = [f"{prefix}[{i}].caption[{j}]" for j in range(len(captions))]
+        records.append(ImageRecord(_stem(file), file, None, _clean_chinese(captions, path, keys, problems),
+                                   key=f"{prefix}[{i}]", caption_keys=keys))
     _unique_stem_ids(records)
-    return records, []
+    return records, problems
+
+
+def _clean_chinese(captions: list[str], path: Path, keys: list, problems: list,
+                   lines: list[int] | None = None) -> list[str]:
+    """Chinese captions trimmed; each with whitespace inside (a line break in the middle of a sentence, a stray
+    space between characters) is reported. The caption is kept as written: the zh tokenizer reads it as if
+    joined (text.join_cjk_spaces), and zh-char drops whitespace anyway, so such a space changes no token."""
+    cleaned = []
+    for k, caption in enumerate(captions):
+        text = caption.strip()
+        if join_cjk_spaces(text) != text:
+            what = "a line break" if re.search(r"[\n\r]", text) else "stray whitespace"
+            key = f"{keys[k]}: " if keys else ""
+            problems.append(_problem(path, f"{key}caption {text[:30]!r} has {what} inside: tokenized as if joined",
+                                     lines[k] if lines else None))
+        cleaned.append(text)
+    return cleaned
 
 
 _HEADER_IMAGE = {"image", "images", "image_name", "image_id", "image_file", "filename", "file_name", "file", "path", "img"}
@@ -320,10 +401,11 @@ def _unique_stem_ids(records: list[ImageRecord]) -> list[ImageRecord]:
     return records
 
 
-def _read_flickr8k_splits(folder: Path, by_file: dict[str, ImageRecord]) -> list[Problem]:
-    """Set each record's split from the split files; an image in none keeps split None."""
+def _read_flickr8k_splits(folder: Path, by_file: dict[str, ImageRecord], split_files: dict[str, str] = FLICKR8K_SPLITS,
+                          captions_name: str = FLICKR8K_TOKENS) -> list[Problem]:
+    """Set each record's split from the split files (lines: keys of `by_file`); an image in none keeps split None."""
     problems = []
-    for split, name in FLICKR8K_SPLITS.items():
+    for split, name in split_files.items():
         path = folder / name
         if not path.is_file():
             problems.append(_problem(path, "split file not found: its images get no split"))
@@ -334,7 +416,7 @@ def _read_flickr8k_splits(folder: Path, by_file: dict[str, ImageRecord]) -> list
             if not file:
                 continue
             if record is None:
-                problems.append(_problem(path, f"{file} has no captions in {FLICKR8K_TOKENS}: ignored", n))
+                problems.append(_problem(path, f"{file} has no captions in {captions_name}: ignored", n))
             elif record.split not in (None, split):
                 problems.append(_problem(path, f"{file} is already in the {record.split} split: kept there", n))
             else:
@@ -342,15 +424,50 @@ def _read_flickr8k_splits(folder: Path, by_file: dict[str, ImageRecord]) -> list
     return problems
 
 
-READERS: dict[str, Callable[[Path], tuple[list[ImageRecord], list[Problem]]]] = {
-    "karpathy": read_karpathy, "coco": read_coco, "flickr8k": read_flickr8k, "aic": read_aic, "lines": read_lines,
+FLICKR8K_CN_CAPTIONS = "flickr8kzhc.caption.txt"  # the human-written sentences (zhb, zhg: machine translations)
+FLICKR8K_CN_SPLITS = {"train": "flickr8ktrain.txt", "val": "flickr8kval.txt", "test": "flickr8ktest.txt"}
+_FLICKR_CN_LINE = re.compile(r"(\S+?)#zh\w*#(\d+)[ \t](.*)")
+
+
+def read_flickr8k_cn(source: str | os.PathLike) -> tuple[list[ImageRecord], list[Problem]]:
+    """Read the Flickr8K-CN folder (or one of its *.caption.txt files): Chinese captions, the official splits.
+    The photos are not in it: they are Flickr8k's (`default_image_root`)."""
+    source = Path(source)
+    folder = source.parent if source.is_file() else source
+    caption_path = source if source.is_file() else folder / FLICKR8K_CN_CAPTIONS
+    if not caption_path.is_file():
+        raise DatasetError(f"{folder}: no {FLICKR8K_CN_CAPTIONS} (expected the Flickr8K-CN folder)")
+    by_file: dict[str, ImageRecord] = {}
+    for n, line in enumerate(_read_text(caption_path).splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _FLICKR_CN_LINE.fullmatch(line.strip())
+        if not m:
+            raise DatasetError(f"{caption_path}:{n}: expected 'image.jpg#zhc#k caption'")
+        record = by_file.setdefault(m[1], ImageRecord(_stem(m[1]), m[1], None, [], lines=[]))
+        record.captions.append(m[3])
+        record.lines.append(n)
+    problems: list[Problem] = []
+    for r in by_file.values():
+        r.captions = _clean_chinese(r.captions, caption_path, [], problems, r.lines)
+    records = _unique_stem_ids(list(by_file.values()))
+    by_name = {r.id: r for r in records} | by_file  # the split files list ids without ".jpg"
+    problems += _read_flickr8k_splits(folder, by_name, FLICKR8K_CN_SPLITS, caption_path.name)
+    return records, problems
+
+
+READERS: dict[str, Callable[..., tuple[list[ImageRecord], list[Problem]]]] = {
+    "karpathy": read_karpathy, "coco": read_coco, "flickr8k": read_flickr8k, "flickr8k-cn": read_flickr8k_cn,
+    "aic": read_aic, "lines": read_lines,
 }
 
 
-def read_source(source: str | os.PathLike, fmt: str) -> tuple[list[ImageRecord], list[Problem]]:
-    """Read SOURCE with the reader for `fmt` (one of FORMATS)."""
+def read_source(source: str | os.PathLike, fmt: str, seed: int = 0) -> tuple[list[ImageRecord], list[Problem]]:
+    """Read SOURCE with the reader for `fmt` (one of FORMATS); `seed` halves an AI Challenger validation set."""
     if fmt not in READERS:
         raise ValueError(f"unknown dataset format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "aic":
+        return read_aic(Path(source), seed=seed)
     return READERS[fmt](Path(source))
 
 
@@ -359,6 +476,8 @@ def default_image_root(source: str | os.PathLike, fmt: str, files: Sequence[str]
     sample of `files` (ties and no hits: the first). Candidates, in order:
 
     flickr8k: SOURCE/images, SOURCE/Flicker8k_Dataset, SOURCE/Flickr8k_Dataset, SOURCE;
+    flickr8k-cn (F = the Flickr8K-CN folder): F/images, F/../flickr8k/images (DatasetError when neither is);
+    aic, SOURCE a folder: SOURCE (files are relative to it);
     other formats (D = the caption file's folder): D/images; for captions_<name>.json (COCO)
     D/<name> and D/../<name> (annotations/captions_val2017.json -> val2017/); for an AI Challenger
     *_annotations_*.json D/*_images_*; D itself (e.g. Karpathy entries whose filepath is "images").
@@ -367,6 +486,14 @@ def default_image_root(source: str | os.PathLike, fmt: str, files: Sequence[str]
     if fmt == "flickr8k":
         folder = source.parent if source.is_file() else source
         candidates = [folder / "images", folder / "Flicker8k_Dataset", folder / "Flickr8k_Dataset", folder]
+    elif fmt == "flickr8k-cn":
+        folder = source.parent if source.is_file() else source
+        candidates = [folder / "images", folder.parent / "flickr8k" / "images"]
+        if not any(c.is_dir() for c in candidates):
+            raise DatasetError(f"{folder}: Flickr8K-CN has no photos of its own and none are at "
+                               f"{candidates[1]}: pass the Flickr8k photo folder with --images (images=)")
+    elif fmt == "aic" and source.is_dir():
+        candidates = [source]
     else:
         folder, stem = source.parent, source.stem
         candidates = [folder / "images"]
@@ -393,6 +520,8 @@ def caption_file(source: str | os.PathLike, fmt: str) -> Path:
     source = Path(source).absolute()
     if fmt == "flickr8k" and not source.is_file():
         return source / FLICKR8K_TOKENS
+    if fmt == "flickr8k-cn" and not source.is_file():
+        return source / FLICKR8K_CN_CAPTIONS
     return source
 
 
@@ -550,8 +679,11 @@ def prepare(source: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
     images: the image folder; default: the candidate folder holding the listed files (`default_image_root`):
         SOURCE/images for flickr8k; the caption file's images/ subfolder, val2017/ beside annotations/ for
         COCO's annotations/captions_val2017.json, or the caption file's own folder for the others.
-    language: "en", "zh", "space"/"vi"; default "zh" for aic, else "en".
-    Splits: the source's own (karpathy, flickr8k); when the source gives none (coco, aic, lines) a seeded
+    language: "en", "zh" (jieba words), "zh-char" (characters), "space"/"vi"; default "zh" for aic and
+        flickr8k-cn, else "en". It is recorded in dataset.json (and so in the checkpoint), and evaluation scores
+        the stored tokens, space-joined, for every language but "en".
+    Splits: the source's own (karpathy, flickr8k, flickr8k-cn, an aic folder: train, and its validation file
+        halved into val and test with `seed`); when the source gives none (coco, aic, lines) a seeded
         split of the usable images (see `assign_splits`); `split=` puts every image in that split.
     vocab: a vocab.json (or a DATA_DIR holding one) to use instead of building one on the train split.
     Missing, unreadable and duplicate images, paths outside the image folder and empty captions are
@@ -559,8 +691,8 @@ def prepare(source: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
     """
     _check_options(fmt, min_count, max_length, val_fraction, test_fraction, split)
     source, out_dir = Path(source).resolve(), Path(out_dir).resolve()
-    tokenizer = get_tokenizer(language or ("zh" if fmt == "aic" else "en"))
-    records, problems = read_source(source, fmt)
+    tokenizer = get_tokenizer(language or ("zh" if fmt in CHINESE_FORMATS else "en"))
+    records, problems = read_source(source, fmt, seed=seed)
     files = [r.file for r in records]
     root = Path(images).resolve() if images is not None else default_image_root(source, fmt, files)
     if not root.is_dir():

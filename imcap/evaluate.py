@@ -22,7 +22,7 @@ from .datasets import load_dataset
 from .decoding import DecodingOptions
 from .devices import autocast
 from .features import FeatureStore
-from .metrics import score_captions, write_coco_results
+from .metrics import SCORE_KEYS, score_captions, write_coco_results
 from .packaged import resolve as resolve_packaged
 from .synth import mean_grounding
 
@@ -59,7 +59,10 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
         scores = score_captions(refs, hyps, tokenize=True)
     else:
         refs = {images[i]["id"]: [" ".join(t) for t in images[i]["tokens"]] for i in rows}
-        scores = score_captions(refs, hyps, tokenize=False)
+        chinese = str(meta.get("language", "")).startswith("zh")  # METEOR's stems and synonyms are English
+        scores = score_captions(refs, hyps, tokenize=False, metrics=("BLEU", "ROUGE_L", "CIDEr") if chinese
+                                else ("BLEU", "METEOR", "ROUGE_L", "CIDEr"))
+        scores = {key: scores.get(key) for key in SCORE_KEYS}  # the seven keys; METEOR None for Chinese
     # a packaged model's results go to ./eval/NAME: not into the package, nor into a ./NAME that would then
     # shadow the packaged name
     out = Path("eval") / str(run_dir) if resolve_packaged(run_dir) is not None else Path(run_dir) / "eval"

@@ -1,11 +1,17 @@
-"""Tokenizers (en / zh / space-separated) and the Vocabulary that maps tokens to ids.
+"""Tokenizers (en / zh words / zh characters / space-separated) and the Vocabulary that maps tokens to ids.
 
 Languages:
-    en     lower-cased words and numbers; punctuation dropped; clitics split off PTB-style
-           ("dog's" -> "dog" "'s", "don't" -> "do" "n't"); hyphenated words kept ("t-shirt").
-    zh     jieba word segmentation; whitespace and punctuation (ASCII and full-width) dropped.
-    space  lower-cased, punctuation removed, split on whitespace: Vietnamese and other languages
-           written with spaces between words or syllables. "vi" is an alias.
+    en       lower-cased words and numbers; punctuation dropped; clitics split off PTB-style
+             ("dog's" -> "dog" "'s", "don't" -> "do" "n't"); hyphenated words kept ("t-shirt").
+    zh       jieba word segmentation in its default mode (accurate mode with the HMM for unknown words:
+             `jieba.lcut(text, cut_all=False, HMM=True)`), lower-cased after segmenting; whitespace and
+             punctuation (ASCII and full-width) dropped; whitespace inside a sentence ("站 在") is removed before
+             segmenting (kept only between two Latin letters or digits).
+    zh-char  characters: each CJK character (and kana, hangul) is a token; a run of other letters and digits
+             ("T" in "T恤", "3", "ok") is one token, lower-cased; whitespace and punctuation dropped. Full-width
+             letters and digits are folded to ASCII (NFKC) first.
+    space    lower-cased, punctuation removed, split on whitespace: Vietnamese and other languages
+             written with spaces between words or syllables. "vi" is an alias.
 """
 
 from __future__ import annotations
@@ -25,11 +31,30 @@ from .fileio import write_json_atomic
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 
-LANGUAGES = ("en", "zh", "space")
-_ALIASES = {"vi": "space", "english": "en", "chinese": "zh"}
+LANGUAGES = ("en", "zh", "zh-char", "space")
+_ALIASES = {"vi": "space", "english": "en", "chinese": "zh", "zh_char": "zh-char"}
+_UNSPACED = frozenset({"zh", "zh-char"})  # written without spaces between words: detokenized by joining with ""
 
 _EN_CLITIC = re.compile(r"(?<=[^\W_])(n't|'s|'re|'ll|'m|'ve|'d)\b")
 _EN_TOKEN = re.compile(r"n't|'(?:s|re|ll|m|ve|d)\b|\d+(?:[.,]\d+)+|[^\W_]+(?:['-][^\W_]+)*")
+# zh-char: one CJK / kana / hangul character, or a run of the other letters and digits
+_WIDE = "\u2e80-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\U00020000-\U0003ffff"
+_ZH_CHAR_TOKEN = re.compile(rf"[^\W_{_WIDE}]+|[^\W_]")
+
+
+_SPACE_RUN = re.compile(r"\s+")
+_LATIN = re.compile(rf"[^\W_{_WIDE}]")
+
+
+def join_cjk_spaces(text: str) -> str:
+    """`text` without whitespace inside except a single space between two Latin letters or digits ("OK 3"):
+    Chinese is written without spaces, so a stray space or line break ("站 在", "左手\\n拿着") is noise that
+    would otherwise change how jieba segments the sentence."""
+    def keep(m: re.Match) -> str:
+        before, after = m.string[m.start() - 1 : m.start()], m.string[m.end() : m.end() + 1]
+        return " " if _LATIN.fullmatch(before or "。") and _LATIN.fullmatch(after or "。") else ""
+
+    return _SPACE_RUN.sub(keep, text.strip())
 
 
 def _is_punct_or_space(token: str) -> bool:
@@ -43,7 +68,7 @@ def _strip_punct(text: str) -> str:
 
 
 class Tokenizer:
-    """Splits a caption into tokens for one language ("en", "zh", "space"; "vi" means "space")."""
+    """Splits a caption into tokens for one language ("en", "zh", "zh-char", "space"; "vi" means "space")."""
 
     def __init__(self, language: str) -> None:
         self.language = normalize_language(language)
@@ -56,15 +81,18 @@ class Tokenizer:
         """Tokens of `text`, lower-cased, without punctuation."""
         text = unicodedata.normalize("NFC", text).replace("\u2019", "'")
         if self.language == "zh":  # segment before lower-casing: jieba knows "T恤", not "t恤"
-            return [t.lower() for t in self._segmenter().lcut(text) if not _is_punct_or_space(t)]
+            return [t.lower() for t in self._segmenter().lcut(join_cjk_spaces(text), cut_all=False, HMM=True)
+                    if not _is_punct_or_space(t)]
+        if self.language == "zh-char":
+            return _ZH_CHAR_TOKEN.findall(unicodedata.normalize("NFKC", text).lower())
         text = text.lower()
         if self.language == "en":
             return _EN_TOKEN.findall(_EN_CLITIC.sub(r" \1", text))
         return _strip_punct(text).split()
 
     def detokenize(self, tokens: Sequence[str]) -> str:
-        """Tokens back to a caption string: joined by spaces ("" for zh)."""
-        return ("" if self.language == "zh" else " ").join(tokens)
+        """Tokens back to a caption string: joined by spaces ("" for zh and zh-char)."""
+        return ("" if self.language in _UNSPACED else " ").join(tokens)
 
     def _segmenter(self):
         if self._jieba is None:
@@ -76,15 +104,15 @@ class Tokenizer:
 
 
 def normalize_language(language: str) -> str:
-    """The canonical language name ("en", "zh", "space"); ValueError for an unknown one."""
+    """The canonical language name ("en", "zh", "zh-char", "space"); ValueError for an unknown one."""
     name = _ALIASES.get(str(language).lower(), str(language).lower())
     if name not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r}: expected one of en, zh, space (or vi)")
+        raise ValueError(f"unknown language {language!r}: expected one of en, zh, space, zh-char (or vi)")
     return name
 
 
 def get_tokenizer(language: str) -> Tokenizer:
-    """The tokenizer for `language` ("en", "zh", "space" or "vi"); ValueError for unknown languages."""
+    """The tokenizer for `language` ("en", "zh", "zh-char", "space" or "vi"); ValueError for unknown languages."""
     return Tokenizer(language)
 
 
