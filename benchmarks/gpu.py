@@ -46,6 +46,7 @@ from baseline import TutorialDecoder  # noqa: E402
 from run import TRAIN_SETUPS, TrainSetup, decoding_features, decoding_model, train_batches  # noqa: E402
 
 from imcap.decoding import DecodingOptions, decode  # noqa: E402
+from imcap.devices import autocast  # noqa: E402
 from imcap.model import ModelConfig, ShowAttendTell, caption_loss  # noqa: E402
 
 COCO_IMAGES, COCO_CAPTIONS = 113_287, 566_747  # Karpathy train (+ restval) split
@@ -71,11 +72,6 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
 
 def peak_memory_mib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 # ------------------------------------------------------------------------------------------------ sections

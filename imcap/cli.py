@@ -68,12 +68,17 @@ def default_threads() -> int:
     return max(1, min(cores, cores - busy))
 
 
+def _thread_count(n: int | None) -> int | None:
+    """--threads N, else default_threads(); None when OMP_NUM_THREADS (torchrun sets it) is left to rule."""
+    return n or (None if "OMP_NUM_THREADS" in os.environ else default_threads())
+
+
 def _threads(n: int | None) -> None:
-    """--threads N, else default_threads(); OMP_NUM_THREADS, when set (torchrun sets it), is left to rule."""
-    if n or "OMP_NUM_THREADS" not in os.environ:
+    count = _thread_count(n)
+    if count:
         import torch
 
-        torch.set_num_threads(n or default_threads())
+        torch.set_num_threads(count)
 
 
 def _device(a, auto_precision: str | None = None):
@@ -119,7 +124,7 @@ def cmd_features(a) -> int:
 
     device, precision = _device(a, AUTO_PRECISION)
     summary = extract_features(a.data_dir, encoder=a.encoder, image_size=a.image_size,
-                               threads=a.threads or (None if "OMP_NUM_THREADS" in os.environ else default_threads()),
+                               threads=_thread_count(a.threads),
                                progress=not a.quiet, overwrite=a.overwrite, batch_size=a.batch_size, device=device,
                                precision=precision)
     failed = summary["failed"]
