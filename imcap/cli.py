@@ -10,9 +10,11 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
+from .presets import PRESETS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_THREADS = 1024
@@ -126,10 +128,12 @@ def cmd_features(a) -> int:
     summary = extract_features(a.data_dir, encoder=a.encoder, image_size=a.image_size,
                                threads=_thread_count(a.threads),
                                progress=not a.quiet, overwrite=a.overwrite, batch_size=a.batch_size, device=device,
-                               precision=precision)
+                               precision=precision, reuse=a.reuse)
     failed = summary["failed"]
+    copied = f"{summary['copied']} copied from {a.reuse}, " if a.reuse else ""
+    rate = f", {summary['images_per_s']:.1f} images/s" if summary["encoded"] else ""
     print(f"features: {summary['done']} of {summary['images']} images in {summary['store']} "
-          f"({summary['encoded']} encoded now, {summary['images_per_s']:.1f} images/s on {device}, "
+          f"({copied}{summary['encoded']} encoded now{rate} on {device}, "
           f"{summary['bytes_per_image']:,} bytes/image); {len(failed)} failed")
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -422,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=_count(32, 4096), default=224, help="input side in pixels: 224 -> 7x7 grid, 448 -> 14x14")
     s.add_argument("--batch-size", type=_count(1, 4096), help="images per CNN batch (default: 64 on a GPU, 4 on the CPU, the fastest on a 2-core CPU)")
     s.add_argument("--overwrite", action="store_true", help="discard an existing store made differently")
+    s.add_argument("--reuse", metavar="OTHER_DATA_DIR", help="copy the features of the same image files from this "
+                   "DATA_DIR's store of the same encoder and size (e.g. the same photos with captions in another "
+                   "language) instead of encoding them again")
     s.set_defaults(func=cmd_features)
 
     s = sub.add_parser("train", help="train the attention decoder on cached features (resumes RUN_DIR)")
@@ -450,9 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scst-samples", type=_count(1, 100), help="SCST: captions sampled per image (default 5)")
     s.add_argument("--scst-baseline", choices=["greedy", "mean"], help="SCST reward baseline (default greedy)")
     s.add_argument("--scst-max-length", type=_count(1, MAX_LENGTH), help="SCST: words per sampled caption (default 20)")
-    s.add_argument("--preset", help="a named recipe (imcap/presets.py): flickr8k, flickr8k-scst (cross-entropy in "
-                   "RUN_DIR/xe, then SCST in RUN_DIR), or flickr8k-ensemble (two models in RUN_DIR/m1, m2, "
-                   "decoded as one); flags given override its values")
+    s.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
+                   help=f"a named recipe (imcap/presets.py): {', '.join(PRESETS)}; one with an SCST stage trains "
+                   "cross-entropy in RUN_DIR/xe, then SCST in RUN_DIR; an ensemble trains its members in RUN_DIR/<member> "
+                   "and decodes them as one; flags given override its values")
     s.add_argument("--scst-epochs", type=_count(0, 100_000), help="with --preset: epochs of the SCST stage (0: skip it)")
     s.add_argument("--finetune-blocks", type=_count(1, 100), metavar="N", help="end to end: also train the encoder's last N "
                    "blocks + head conv on the images (needs --init-from; docs/finetune.md)")
@@ -572,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    shown = warnings.formatwarning  # imcap's own warnings as one line each, like its errors
+    warnings.formatwarning = lambda message, *_args, **_kw: f"imcap {args.command}: warning: {message}\n"
     try:
         return args.func(args)
     except UsageError as e:
@@ -588,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # train.TrainingInterrupted: where training stopped, what it wrote
         print(f"imcap {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

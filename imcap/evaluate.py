@@ -1,7 +1,11 @@
 """Evaluate a trained captioner on a split: decode for real, score as the COCO caption evaluation does.
 
 English captions are scored from the raw references with the PTB tokenizer (as in COCO's evaluation,
-so numbers compare with papers); other languages from imcap's own tokens.
+so numbers compare with papers). Chinese captions (a zh or zh-char DATA_DIR alike) are scored as the AI
+Challenger evaluation scores them: references and captions are both segmented into words with jieba
+(accurate mode, punctuation dropped) and the COCO scorers compare the words, so word and character models
+get comparable scores; METEOR, which is English-specific, is not reported, and the same scores on single
+characters are reported beside them. Other languages are scored from imcap's own tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .datasets import load_dataset
 from .decoding import DecodingOptions
 from .devices import autocast
 from .features import FeatureStore
-from .metrics import SCORE_KEYS, score_captions, write_coco_results
+from .metrics import score_captions, score_chinese, write_coco_results
 from .packaged import resolve as resolve_packaged
 from .synth import mean_grounding
 
@@ -49,20 +53,22 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
         for chunk, features in batches:
             names = [images[i]["id"] for i in chunk]
             for i, r in zip(chunk, captioner.caption_features(features, options, names)):
-                hyps[r.image] = r.caption if meta.get("language", "en") == "en" else " ".join(r.tokens)
+                hyps[r.image] = r.caption  # the text: words joined by spaces, Chinese without
                 if images[i].get("objects"):
                     boxed.append((r, images[i]))
     decode_seconds = time.time() - t0
     rows = [i for i in rows if images[i]["id"] in hyps]  # without images that could not be read
-    if meta.get("language", "en") == "en":
+    language = str(meta.get("language", "en"))
+    extra = {}
+    if language == "en":
         refs = {images[i]["id"]: images[i]["captions"] for i in rows}
         scores = score_captions(refs, hyps, tokenize=True)
+    elif language.startswith("zh"):
+        refs = {images[i]["id"]: images[i]["captions"] for i in rows}  # the text: cut the same way for every model
+        scores, extra["character_scores"] = (score_chinese(refs, hyps, unit=unit) for unit in ("zh", "zh-char"))
     else:
         refs = {images[i]["id"]: [" ".join(t) for t in images[i]["tokens"]] for i in rows}
-        chinese = str(meta.get("language", "")).startswith("zh")  # METEOR's stems and synonyms are English
-        scores = score_captions(refs, hyps, tokenize=False, metrics=("BLEU", "ROUGE_L", "CIDEr") if chinese
-                                else ("BLEU", "METEOR", "ROUGE_L", "CIDEr"))
-        scores = {key: scores.get(key) for key in SCORE_KEYS}  # the seven keys; METEOR None for Chinese
+        scores = score_captions(refs, hyps, tokenize=False)
     # a packaged model's results go to ./eval/NAME: not into the package, nor into a ./NAME that would then
     # shadow the packaged name
     out = Path("eval") / str(run_dir) if resolve_packaged(run_dir) is not None else Path(run_dir) / "eval"
@@ -78,7 +84,7 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     report = {"scores": scores, "split": split, "images": len(rows), "data_dir": str(data_dir),
               "checkpoint": captioner.meta.get("path"), "decoding": asdict(options),
               "decode_seconds": round(decode_seconds, 2), "device": str(captioner.device),
-              "precision": captioner.precision}
+              "precision": captioner.precision, **extra}
     if boxed:  # synthetic scenes: how much of each shape word's attention falls inside its object's box
         report["grounding"] = mean_grounding([r for r, _ in boxed], [rec for _, rec in boxed], meta["image_root"])
     write_json_atomic(out / f"{stem}.scores.json", report)

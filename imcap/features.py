@@ -347,6 +347,7 @@ def extract_features(
     overwrite: bool = False,
     device: str | torch.device = "auto",
     precision: str = "auto",
+    reuse: str | os.PathLike | None = None,
 ) -> dict:
     """Encode every image of DATA_DIR/dataset.json not yet done into DATA_DIR/features/<encoder>-<size>/.
 
@@ -355,6 +356,10 @@ def extract_features(
     unreadable images get status 2 and one line on stderr. threads: torch threads for the CNN (None: leave as
     is). device: "auto" (CUDA when torch sees it, else the CPU), "cpu", "cuda", "cuda:N", "mps". precision:
     "auto" (encoders.AUTO_PRECISION: fp32, see there), "fp32", "bf16" or "fp16" (GPUs). Returns a summary dict.
+
+    reuse: another DATA_DIR with a store of the same encoder and size: the rows of the same image files (the
+    same path on disk, e.g. Flickr8k's photos prepared with English and with Chinese captions) are copied
+    from it instead of encoded again; the rest are encoded as usual.
 
     Under torchrun each process encodes every world-th image still to do, into the same features.f16 (rows
     are disjoint), on its own GPU with CUDA (auto: cuda:$LOCAL_RANK); each keeps its own status file
@@ -368,9 +373,12 @@ def extract_features(
     if not files:
         raise FeatureStoreError(f"{Path(data_dir) / 'dataset.json'} lists no images")
     path = store_dir(data_dir, encoder.spec.name, image_size)
+    copied = 0
     if dist.main:
         open_for_writing(path, encoder.spec, files, overwrite)  # create (or check) the store first
         _merge_rank_status(path)
+        if reuse is not None:
+            copied = _copy_rows(Path(reuse), path, encoder.spec, image_root, files)
     dist.barrier()
     status, index = open_for_writing(path, encoder.spec, files)
     status_file = path / ("status.u8" if dist.world == 1 else f"status.rank{dist.rank}.u8")
@@ -404,6 +412,7 @@ def extract_features(
         "images": len(files),
         "done": int((status == DONE).sum()),  # in the store, this run and earlier ones
         "encoded": encoded,  # by this run
+        "copied": copied,  # from the `reuse` store, by this run (rank 0)
         "skipped": len(files) - len(todo),  # already done before this run
         "failed": failed,  # [{"index", "file", "problem"}]
         "seconds": round(seconds, 3),
@@ -415,6 +424,38 @@ def extract_features(
         "batch_size": batch_size,
         "bytes_per_image": index["P"] * index["D"] * 2,
     }
+
+
+def _copy_rows(source_dir: Path, path: Path, spec: EncoderSpec, image_root: Path, files: Sequence[str],
+               chunk: int = 256) -> int:
+    """Copy into the store at `path` (open, not done rows only) the rows of another DATA_DIR's store of the same
+    encoder spec whose image is the same file; -> rows copied. FeatureStoreError when that store is not usable."""
+    source = store_dir(source_dir, spec.name, spec.image_size)
+    if not (source / "index.json").is_file():
+        raise FeatureStoreError(f"{source}: no feature store to reuse (run imcap features {source_dir} "
+                                f"--encoder {spec.name} --image-size {spec.image_size} first)")
+    if source.resolve() == path.resolve():
+        return 0
+    src_index = _read_index(source)
+    if src_index["encoder"] != spec.to_dict():
+        raise FeatureStoreError(f"{source} was made with another encoder setting than {path.name}: cannot reuse it")
+    src_status = np.fromfile(source / "status.u8", dtype=np.uint8)
+    src_root, src_files = read_image_list(source_dir)
+    if len(src_status) != src_index["N"] or len(src_files) != src_index["N"]:
+        raise FeatureStoreError(f"{source} does not match {Path(source_dir) / 'dataset.json'}: cannot reuse it")
+    rows_of = {os.path.realpath(src_root / f): i for i, f in enumerate(src_files) if src_status[i] == DONE}
+    status, index = open_for_writing(path, spec, files)
+    pairs = [(i, rows_of[p]) for i, p in ((i, os.path.realpath(image_root / f)) for i, f in enumerate(files))
+             if status[i] != DONE and p in rows_of]
+    src = np.memmap(source / "features.f16", dtype=np.float16, mode="r",
+                    shape=(src_index["N"], src_index["P"], src_index["D"]))
+    with closing(_Rows(path / "features.f16", index)) as rows:
+        for k in range(0, len(pairs), chunk):
+            part = pairs[k : k + chunk]
+            rows.write([i for i, _ in part], np.asarray(src[[j for _, j in part]]))  # on disk before status
+            status[[i for i, _ in part]] = DONE
+            write_bytes_atomic(path / "status.u8", status.tobytes())
+    return len(pairs)
 
 
 def _encoder_on(device: str | torch.device, precision: str, encoder: str | ImageEncoder,

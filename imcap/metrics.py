@@ -324,6 +324,22 @@ def score_captions(
     return {key: scores[key] for key in SCORE_KEYS if key in scores}
 
 
+def score_chinese(
+    references: Mapping[str, list[str]], hypotheses: Mapping[str, str], *, unit: str = "zh",
+) -> dict[str, float | None]:
+    """Corpus scores of Chinese captions given as text, as the AI Challenger evaluation computes them: both
+    sides cut into jieba words (unit "zh", accurate mode, punctuation dropped; "zh-char": single characters),
+    then BLEU-1..4, ROUGE_L and CIDEr. METEOR is None: its stems, synonyms and paraphrases are English.
+    How a model cut its own captions (words or characters) does not matter: only its text is scored."""
+    from .text import get_tokenizer
+
+    cut = get_tokenizer(unit).tokenize
+    refs = {k: [" ".join(cut(c)) for c in captions] for k, captions in references.items()}
+    hyps = {k: " ".join(cut(c)) for k, c in hypotheses.items()}
+    scores = score_captions(refs, hyps, tokenize=False, metrics=("BLEU", "ROUGE_L", "CIDEr"))
+    return {key: scores.get(key) for key in SCORE_KEYS}  # the seven keys
+
+
 def validation_scores(
     references_tokens: Mapping[str, list[list[str]]],
     hypotheses_tokens: Mapping[str, list[str]],

@@ -47,6 +47,15 @@ PRESETS: dict[str, Preset] = {
         scst={"epochs": 3, "batch_size": 50, "lr": 1e-4, "lr_schedule": "constant", "warmup_steps": 0,
               "scst_samples": 5, "scst_baseline": "mean", "scst_max_length": 20, "patience": 2},
     ),
+    # Flickr8K-CN (prepare --format flickr8k-cn, --language zh for jieba words or zh-char for characters): the
+    # English recipe on the same photos, so its store can be copied from an English Flickr8k DATA_DIR
+    "flickr8k-cn": Preset(
+        description="Flickr8K-CN (Chinese captions of the Flickr8k photos), words or characters: the flickr8k recipe",
+        features="efficientnet-lite2-224",
+        features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 224 "
+                         "[--reuse ENGLISH_FLICKR8K_DATA_DIR]",
+        model=_F8K_MODEL, train=_F8K_XE,
+    ),
     # two flickr8k models decoding as one (ensemble.py): each step averages their word probabilities
     "flickr8k-ensemble": Preset(
         description="two flickr8k models (seeds 0 and 1) in RUN_DIR/m1 and RUN_DIR/m2, decoded as one",  # beam 7, LP 1

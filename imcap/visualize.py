@@ -6,7 +6,9 @@ at 224 px) and is assumed to cover the whole image as the encoder saw it (the im
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -38,19 +40,38 @@ _CJK_FONTS = ("NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf", "wqy-micro
               "msyh.ttc", "simhei.ttf", "PingFang.ttc")
 
 
+def has_cjk(text: str) -> bool:
+    """True when `text` holds a CJK ideograph (Chinese; Japanese kanji)."""
+    return any("\u2e80" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" for ch in text)
+
+
 def _font(size: int, text: str = "") -> ImageFont.ImageFont:
-    """A scalable font that can draw `text` (CJK fonts first when it holds CJK characters)."""
-    cjk = any("\u2e80" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" for ch in text)
-    names = (_CJK_FONTS + _FONTS) if cjk else (_FONTS + _CJK_FONTS)
-    for name in filter(None, (os.environ.get("IMCAP_FONT"), *names)):
+    """A scalable font that can draw `text` (CJK fonts first when it holds CJK characters). When `text` holds
+    CJK and no CJK font is installed, one warning says so (the words come out as empty boxes)."""
+    cjk = has_cjk(text)
+    chosen = os.environ.get("IMCAP_FONT")
+    for name in filter(None, (chosen, *(_CJK_FONTS + _FONTS if cjk else _FONTS + _CJK_FONTS))):
         try:
-            return ImageFont.truetype(name, size)
+            font = ImageFont.truetype(name, size)
+            break
         except OSError:
             continue
-    try:
-        return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1 with FreeType
-    except (TypeError, OSError, AttributeError):
-        return ImageFont.load_default()
+    else:
+        name = None
+        try:
+            font = ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1 with FreeType
+        except (TypeError, OSError, AttributeError):
+            font = ImageFont.load_default()
+    if cjk and name != chosen and name not in _CJK_FONTS:
+        _warn_no_cjk_font()
+    return font
+
+
+@functools.cache
+def _warn_no_cjk_font() -> None:
+    warnings.warn("no font with Chinese characters is installed, so the figure's Chinese words are drawn as boxes: "
+                  "install one (Debian/Ubuntu: apt install fonts-wqy-microhei or fonts-noto-cjk) or set IMCAP_FONT "
+                  "to a .ttf/.ttc/.otf file", RuntimeWarning, stacklevel=4)
 
 
 def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -119,13 +140,17 @@ def heatmap_overlay(
 
 
 def _wrap(text: str, font, width: int) -> list[str]:
-    """Greedy word wrap of `text` to lines at most `width` pixels wide (a longer single word stays whole)."""
+    """Greedy wrap of `text` to lines at most `width` pixels wide: at spaces, and inside runs of CJK text
+    (written without spaces) between any two characters; a longer single Latin word stays whole."""
     lines: list[str] = []
     for word in text.split():
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] += f" {word}"
-        else:
-            lines.append(word)
+        pieces = list(word) if has_cjk(word) else [word]
+        for k, piece in enumerate(pieces):
+            joined = f"{lines[-1]}{piece}" if k else f"{lines[-1]} {piece}" if lines else piece
+            if lines and font.getlength(joined) <= width:
+                lines[-1] = joined
+            else:
+                lines.append(piece)
     return lines or [""]
 
 

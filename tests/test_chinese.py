@@ -9,7 +9,7 @@ from PIL import Image
 
 from imcap.cli import build_parser
 from imcap.datasets import DatasetError, load_dataset, load_vocab, prepare, read_aic, read_flickr8k_cn
-from imcap.metrics import score_captions
+from imcap.metrics import score_chinese
 from imcap.text import get_tokenizer, join_cjk_spaces
 
 
@@ -190,13 +190,20 @@ def test_join_cjk_spaces():
     assert join_cjk_spaces("写着 OK 3 的牌子") == "写着OK 3的牌子"
 
 
-def test_chinese_scores_use_the_stored_tokens_joined_by_spaces():
-    # what evaluate does for language != "en": references and hypotheses are space-joined tokens, no PTB
-    tok = get_tokenizer("zh-char")
-    refs = {"a": [" ".join(tok.tokenize("两只狗在草地上玩耍。"))]}
-    hyps = {"a": " ".join(tok.tokenize("两只狗在草地上玩耍"))}
-    scores = score_captions(refs, hyps, tokenize=False, metrics=("BLEU",))
-    assert scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+def test_chinese_scores_cut_both_sides_into_jieba_words_whatever_the_model_cut():
+    refs = {"a": ["两只狗在草地上玩耍。", "两只小狗在草地上跑"], "b": ["一个男人在骑自行车"]}
+    words = get_tokenizer("zh").tokenize
+    chars = get_tokenizer("zh-char").tokenize
+    text = {"a": "两只狗在草地上玩耍", "b": "一个男人骑着自行车"}
+    from_words = {k: get_tokenizer("zh").detokenize(words(v)) for k, v in text.items()}  # a word model's caption
+    from_chars = {k: get_tokenizer("zh-char").detokenize(chars(v)) for k, v in text.items()}  # a character model's
+    assert score_chinese(refs, from_words) == score_chinese(refs, from_chars)
+    exact = score_chinese(refs, {"a": "两只狗在草地上玩耍。", "b": "一个男人在骑自行车"})
+    assert exact["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and exact["METEOR"] is None
+    # words, not characters: one wrong word costs one unigram of 5 words, not one of 9 characters
+    scores = score_chinese(refs, {"a": "两只猫在草地上玩耍", "b": "一个男人在骑自行车"})
+    by_char = score_chinese(refs, {"a": "两只猫在草地上玩耍", "b": "一个男人在骑自行车"}, unit="zh-char")
+    assert scores["BLEU-1"] < by_char["BLEU-1"] < 1.0
 
 
 # ------------------------------------------------------------------------------------------- real data
@@ -243,3 +250,4 @@ def test_chinese_scores_leave_out_meteor_and_skip_the_ptb_tokenizer(tiny_data, t
     scores = report["scores"]
     assert list(scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"]
     assert scores["METEOR"] is None and all(isinstance(scores[k], float) for k in scores if k != "METEOR")
+    assert list(report["character_scores"]) == list(scores) and report["character_scores"]["METEOR"] is None

@@ -231,3 +231,30 @@ def test_kill_9_never_marks_a_row_done_without_its_features(tmp_path, encoder):
     summary = extract_features(data, encoder=encoder, image_size=SIZE, batch_size=2, progress=False)
     assert summary["encoded"] == 30 - len(done) and summary["done"] == 30
     np.testing.assert_allclose(FeatureStore.open(data).get(range(30)).numpy(), expected, atol=1e-2, rtol=2e-3)
+
+
+def test_reuse_copies_the_same_photos_from_another_data_dir_and_encodes_the_rest(tmp_path, encoder, monkeypatch):
+    english = make_data_dir(tmp_path / "en", corrupt_at=None)
+    extract_features(english, encoder=encoder, image_size=SIZE, batch_size=2, progress=False)
+    # the same photos with other captions, listed in another order, plus one photo the English set lacks
+    d = json.loads((english / "dataset.json").read_text())
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(Path(d["image_root"]) / "extra.png")
+    d["images"] = [*reversed(d["images"]), {**d["images"][0], "id": "extra.png", "file": "extra.png"}]
+    d["language"] = "zh"
+    chinese = tmp_path / "zh"
+    chinese.mkdir()
+    (chinese / "dataset.json").write_text(json.dumps(d))
+    sizes = count_encoded(monkeypatch, encoder)
+    summary = extract_features(chinese, encoder=encoder, image_size=SIZE, batch_size=2, progress=False, reuse=english)
+    assert (summary["copied"], summary["encoded"], sizes) == (5, 1, [1])  # only the new photo went through the CNN
+    en, zh = FeatureStore.open(english), FeatureStore.open(chinese)
+    for row in range(5):
+        assert np.array_equal(zh.features[row], en.features[4 - row])
+    torch.testing.assert_close(zh.get([5]), encode_directly(encoder, chinese, [5]).half().float())
+
+
+def test_reuse_of_a_data_dir_without_that_store_is_one_line(tmp_path, encoder):
+    data = make_data_dir(tmp_path / "a", corrupt_at=None)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FeatureStoreError, match=r"no feature store to reuse .*imcap features"):
+        extract_features(data, encoder=encoder, image_size=SIZE, progress=False, reuse=tmp_path / "b")

@@ -126,3 +126,56 @@ def test_attention_figure_font_draws_vietnamese_accents():
     assert any(pixels("ộ"))
     assert pixels("ộ") != pixels("\U000f0000")  # not the font's box for a missing glyph
     assert pixels("ộ") != pixels("o")  # the accents are drawn
+
+
+def _cjk_font_installed() -> bool:
+    from imcap.visualize import _CJK_FONTS
+    from PIL import ImageFont
+
+    for name in _CJK_FONTS:
+        try:
+            ImageFont.truetype(name, 12)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.skipif(not _cjk_font_installed(), reason="no CJK font installed (make test installs fonts-wqy-microhei as root)")
+def test_attention_figure_draws_chinese_words_as_glyphs_and_wraps_them(monkeypatch):
+    from PIL import ImageDraw
+
+    from imcap.visualize import _font, _wrap
+
+    monkeypatch.delenv("IMCAP_FONT", raising=False)
+    font = _font(16, "一只狗")
+
+    def pixels(text):
+        im = Image.new("L", (40, 40))
+        ImageDraw.Draw(im).text((5, 5), text, fill=255, font=font)
+        return im.tobytes()
+
+    assert any(pixels("狗")) and pixels("狗") != pixels("猫")  # two glyphs, not twice the missing-glyph box
+    caption = "一只黑色的狗在绿色的草地上奔跑着追一个红色的球"
+    lines = _wrap(caption, font, 120)
+    assert len(lines) > 1 and "".join(lines) == caption  # wrapped between characters, nothing lost or added
+    assert all(font.getlength(line) <= 120 for line in lines)
+    fig = attention_figure(Image.new("RGB", (64, 64)), ["狗", "跑"], np.full((2, 7, 7), 1 / 49), caption="狗跑")
+    assert fig.size[0] > 0
+
+
+def test_chinese_words_without_a_chinese_font_warn_once(monkeypatch):
+    import imcap.visualize as visualize
+
+    monkeypatch.setattr(visualize, "_CJK_FONTS", ())
+    monkeypatch.delenv("IMCAP_FONT", raising=False)
+    visualize._warn_no_cjk_font.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no font with Chinese characters"):
+        attention_figure(Image.new("RGB", (64, 64)), ["狗", "跑"], np.full((2, 7, 7), 1 / 49), caption="狗跑")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention_figure(Image.new("RGB", (64, 64)), ["狗"], np.full((1, 7, 7), 1 / 49), caption="狗")  # once only
+        attention_figure(Image.new("RGB", (64, 64)), ["dog"], np.full((1, 7, 7), 1 / 49))  # English: never
+    visualize._warn_no_cjk_font.cache_clear()
