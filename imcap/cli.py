@@ -14,7 +14,9 @@ import warnings
 from pathlib import Path
 
 from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
+from .datasets import FORMATS
 from .presets import PRESETS
+from .text import ALIASES, LANGUAGE_TOKENS, LANGUAGES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_THREADS = 1024
@@ -139,7 +141,8 @@ def cmd_features(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from .train import TrainConfig, resume_conflicts, train
+    from .train import train
+    from .train_config import TrainConfig, resume_conflicts
 
     _threads(a.threads)
     model_config = {k: v for k, v in {
@@ -264,27 +267,78 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_caption(a) -> int:
-    from .api import Captioner
+    if _runtime(a) == "onnx":
+        options, captioner = _onnx_captioner(a)
+    else:
+        try:
+            from .api import Captioner
+        except ModuleNotFoundError as e:  # an install for the ONNX runtime only
+            if e.name != "torch":
+                raise
+            raise ImportError(f"{a.run_dir}: a checkpoint needs torch to caption (pip install torch); without "
+                              "torch, caption an ONNX export of it (imcap export, docs/onnx.md)") from None
 
-    _threads(a.threads)
-    options = _decoding(a)  # a usage error before the model loads
-    device, precision = _device(a)
-    captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble], device=device, precision=precision)
+        _threads(a.threads)
+        options = _decoding(a)  # a usage error before the model loads
+        device, precision = _device(a)
+        captioner = Captioner.load_ensemble([a.run_dir, *a.ensemble], device=device, precision=precision)
     failed = 0
     figures: dict[str, str] = {}  # the attention figures written by this command (casefolded paths) -> their images
     if a.attention:
         Path(a.attention).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(a.images), a.batch_size):
         chunk = a.images[start : start + a.batch_size]
-        results = captioner.caption(chunk, beam_size=options.beam_size, max_length=options.max_length,
-                                    length_penalty=options.length_penalty, n_best=options.n_best,
-                                    allow_unk=options.allow_unk)
+        results = captioner.caption(chunk, options=options)
         for r in results:
             failed += r.error is not None
             _print_caption(r, a.json)
             if a.attention and r.error is None:
                 failed += not _save_attention(captioner, r, Path(a.attention), figures)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _runtime(a) -> str:
+    """--runtime with auto resolved: onnx for a folder written by `imcap export --format onnx`, else torch."""
+    from .onnx_runtime import MANIFEST
+
+    export = (Path(a.run_dir) / MANIFEST).is_file()
+    if a.runtime == "auto":
+        return "onnx" if export else "torch"
+    if a.runtime == "torch" and export:
+        raise UsageError(f"{a.run_dir} is an ONNX export: caption it with --runtime onnx")
+    return a.runtime
+
+
+def _onnx_captioner(a):
+    """(options, OnnxCaptioner) for --runtime onnx, which imports no torch; flags it cannot honour are usage errors."""
+    from .onnx_runtime import DecodingOptions, OnnxCaptioner
+
+    if a.ensemble:
+        raise UsageError("--ensemble needs --runtime torch; for ONNX, export the ensemble's RUN_DIR (imcap export)")
+    if a.device not in ("auto", "cpu"):
+        raise UsageError(f"--runtime onnx runs on the CPU: drop --device {a.device}")
+    if a.precision not in ("auto", "fp32"):
+        raise UsageError(f"--runtime onnx computes in fp32: drop --precision {a.precision}")
+    try:
+        options = DecodingOptions(a.beam, a.max_length, a.length_penalty, a.n_best, a.allow_unk)
+    except ValueError as e:  # e.g. --n-best over --beam
+        raise UsageError(str(e)) from None
+    omp = os.environ.get("OMP_NUM_THREADS", "")  # onnxruntime does not read it: passed on as torch would take it
+    threads = a.threads or (int(omp) if omp.isdigit() and int(omp) > 0 else default_threads())
+    return options, OnnxCaptioner.load(a.run_dir, threads=threads)
+
+
+def cmd_export(a) -> int:
+    from .download import human_size
+    from .onnx_export import export_onnx
+
+    _threads(a.threads)
+    summary = export_onnx(a.run_dir, a.out)
+    sizes = ", ".join(f"{name} {human_size(size)}" for name, size in summary.files.items())
+    print(f"exported {a.run_dir} to {summary.out_dir}: {sizes}; onnxruntime gives the torch model's outputs to "
+          f"{max(summary.max_difference.values()):.1e}")
+    print(f"caption with: imcap caption {summary.out_dir} IMAGE... --runtime onnx")
+    return EXIT_OK
 
 
 def _print_caption(r, as_json: bool) -> None:
@@ -404,13 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("prepare", help="read a caption dataset, tokenize, split, build the vocabulary")
-    s.add_argument("source", help="caption file (karpathy/coco/aic JSON, lines file), the flickr8k or flickr8k-cn folder, "
-                   "or an AI Challenger folder holding its train and validation folders")
-    s.add_argument("--format", required=True, choices=["karpathy", "coco", "flickr8k", "flickr8k-cn", "aic", "lines"], help="source format")
+    s.add_argument("source", help="the caption file or folder (see --format)")
+    s.add_argument("--format", required=True, choices=list(FORMATS), help="what SOURCE is: "
+                   + "; ".join(f"{name}: {f.help}" for name, f in FORMATS.items()))
     s.add_argument("--images", help="image folder, when not beside SOURCE (flickr8k-cn: default ../flickr8k/images)")
     s.add_argument("--out", required=True, help="DATA_DIR to write")
-    s.add_argument("--language", choices=["en", "zh", "zh-char", "space", "vi"],
-                   help="tokenizer: zh = jieba words, zh-char = characters (default: zh for aic and flickr8k-cn, else en)")
+    s.add_argument("--language", choices=[*LANGUAGES, *ALIASES], help="tokenizer: "
+                   + ", ".join(f"{name} = {tokens}" for name, tokens in LANGUAGE_TOKENS.items()) + "; default: "
+                   + ", ".join(f"{f.language} for {name}" for name, f in FORMATS.items() if f.language != "en") + ", else en")
     s.add_argument("--min-count", type=_count(1), default=5, help="words seen fewer times in train become <unk>")
     s.add_argument("--max-length", type=_count(1, 1000), default=30, help="words kept per caption for training")
     s.add_argument("--val-fraction", type=_bounded(float, 0, 1), default=0.1, help="share of images for val when the source has no split")
@@ -457,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scst-samples", type=_count(1, 100), help="SCST: captions sampled per image (default 5)")
     s.add_argument("--scst-baseline", choices=["greedy", "mean"], help="SCST reward baseline (default greedy)")
     s.add_argument("--scst-max-length", type=_count(1, MAX_LENGTH), help="SCST: words per sampled caption (default 20)")
+    s.add_argument("--scst-temperature", type=_bounded(float, 0.05, 10), help="SCST: sampling temperature; below 1 the samples "
+                   "stay nearer the greedy caption (default 1)")
     s.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
                    help=f"a named recipe (imcap/presets.py): {', '.join(PRESETS)}; one with an SCST stage trains "
                    "cross-entropy in RUN_DIR/xe, then SCST in RUN_DIR; an ensemble trains its members in RUN_DIR/<member> "
@@ -480,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("evaluate", "score a run on a split (BLEU-1..4, METEOR, ROUGE_L, CIDEr)"),
                            ("caption", "caption image files")):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("run_dir", help="RUN_DIR (its best checkpoint) or a checkpoint directory")
+        s.add_argument("run_dir", help="RUN_DIR (its best checkpoint) or a checkpoint directory"
+                       + (", or an ONNX export folder (--runtime onnx)" if name == "caption" else ""))
         s.add_argument("--beam", type=_count(1, MAX_BEAM_SIZE), default=3, help=f"beam size (1 = greedy; at most {MAX_BEAM_SIZE})")
         s.add_argument("--max-length", type=_count(1, MAX_LENGTH), default=30, help=f"maximum words per caption (at most {MAX_LENGTH})")
         s.add_argument("--length-penalty", type=_bounded(float, 0, MAX_LENGTH_PENALTY), default=0.0,
@@ -501,7 +559,18 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--n-best", type=_count(1, MAX_BEAM_SIZE), default=1, help="captions per image (<= beam)")
             s.add_argument("--attention", metavar="OUT_DIR", help="write one attention figure per image here")
             s.add_argument("--batch-size", type=_count(1, 1024), default=16, help="images per batch")
+            s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                           help="onnx: RUN_DIR is a folder written by imcap export, captioned by onnxruntime and "
+                                "numpy without torch (docs/onnx.md); auto (default): onnx for such a folder, else torch")
             s.set_defaults(func=cmd_caption)
+
+    s = sub.add_parser("export", help="write a run as ONNX graphs, to caption without torch (docs/onnx.md)")
+    s.add_argument("run_dir", help="RUN_DIR (its best checkpoint), a checkpoint directory, a packaged model's name, "
+                   "or an ensemble's RUN_DIR")
+    s.add_argument("--format", default="onnx", choices=["onnx"], help="what to write (default onnx: encoder, "
+                   "decoder init and step graphs, and imcap-onnx.json)")
+    s.add_argument("--out", required=True, help="folder to write the export to (made if missing)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve the HTTP API and the web page for a trained run")
     s.add_argument("run_dir", help="RUN_DIR (its best checkpoint) or a checkpoint directory")
@@ -564,18 +633,20 @@ PRECISION_HELP = {  # what --precision auto means for each command
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are a user's mistake: one line, exit status 1. OSError: a file the user named cannot
+    be read or written (missing, permission, disk full, ...). CheckpointError counts once imcap.checkpoint is
+    imported (only it raises it): `caption --runtime onnx` does not import it, nor torch with it."""
+    from .datasets import DatasetError
     from .images import ImageError
 
-    # OSError: a file the user named cannot be read or written (missing, permission, disk full, ...)
-    user_errors: tuple[type[BaseException], ...] = (CheckpointError, ImageError, ValueError, OSError, ImportError)
-    try:
-        from .datasets import DatasetError
+    errors: tuple[type[BaseException], ...] = (ImageError, DatasetError, ValueError, OSError, ImportError)
+    if "imcap.checkpoint" in sys.modules:
+        errors += (sys.modules["imcap.checkpoint"].CheckpointError,)
+    return errors
 
-        user_errors += (DatasetError,)
-    except ImportError:
-        pass
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
@@ -590,8 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except user_errors as e:
-        if os.environ.get("IMCAP_DEBUG"):
+    except Exception as e:  # noqa: BLE001 - the user's mistakes (_user_errors) in one line; the rest re-raised
+        if not isinstance(e, _user_errors()) or os.environ.get("IMCAP_DEBUG"):
             raise
         print(f"imcap {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_FAILED

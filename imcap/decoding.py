@@ -14,46 +14,10 @@ hypothesis has ended by max_length, the best unfinished one is returned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
+from .captions import DecodingOptions, Hypothesis
 from .text import END, START, UNK
-
-
-@dataclass(frozen=True)
-class DecodingOptions:
-    beam_size: int = 3  # 1 = greedy; at most MAX_BEAM_SIZE
-    max_length: int = 30  # words per caption, <end> not counted; at most MAX_LENGTH
-    length_penalty: float = 0.0  # score = log p / ((5 + L) / 6) ** length_penalty (0: plain log p)
-    n_best: int = 1  # hypotheses returned per image (<= beam_size)
-    allow_unk: bool = False  # False: <unk> is never chosen (captions shown to people); True: as the model ranks it
-
-    def __post_init__(self):
-        for name, value, high in (("beam size", self.beam_size, MAX_BEAM_SIZE), ("max length", self.max_length, MAX_LENGTH)):
-            if not _is_int(value) or not 1 <= value <= high:
-                raise ValueError(f"{name} must be an integer from 1 to {high}, got {str(value)[:40]}")
-        if not _is_int(self.n_best) or not 1 <= self.n_best <= self.beam_size:
-            raise ValueError(f"n-best must be between 1 and the beam size ({self.beam_size}), got {str(self.n_best)[:40]}")
-        if not isinstance(self.length_penalty, (int, float)) or not 0 <= self.length_penalty <= MAX_LENGTH_PENALTY:
-            raise ValueError(f"length penalty must be from 0 to {MAX_LENGTH_PENALTY}, got {str(self.length_penalty)[:40]}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # word ids, without <start>; ends with <end> when the caption finished
-    log_prob: float  # sum of log probabilities of the tokens
-    score: float  # log_prob after the length penalty; what hypotheses are ranked by
-    alphas: torch.Tensor  # (len(tokens), P) attention for each emitted token
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.tokens) and self.tokens[-1] == END
 
 
 def length_normalize(log_prob: torch.Tensor, length: torch.Tensor | int, penalty: float) -> torch.Tensor:

@@ -24,7 +24,7 @@ def run_demo(out: str | Path = "demo-out", *, n_images: int = 1200, epochs: int 
     """device, precision: for every stage that computes (features, training, evaluation, captioning); under
     "auto" the features are fp32 (encoders.AUTO_PRECISION) and training and decoding bf16 on CUDA."""
     from .api import Captioner
-    from .datasets import format_summary, load_dataset, prepare
+    from .datasets import format_summary, load_dataset, prepare, split_rows
     from .decoding import DecodingOptions
     from .devices import describe, resolve_device
     from .evaluate import evaluate
@@ -70,7 +70,7 @@ def run_demo(out: str | Path = "demo-out", *, n_images: int = 1200, epochs: int 
     meta, images = load_dataset(out / "data")
     root = Path(meta["image_root"])
     store = FeatureStore.open(out / "data")
-    test = [i for i, im in enumerate(images) if im["split"] == "test" and store.ok[i]][:EXAMPLES]
+    test = split_rows(images, "test", store.ok)[:EXAMPLES]
     results = captioner.caption_features(store.get(np.array(test)), options, [images[i]["id"] for i in test])
     for i, r in zip(test, results):
         image_path = root / images[i]["file"]

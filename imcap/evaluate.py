@@ -22,7 +22,7 @@ import torch
 from . import checkpoint as ckpt
 from .api import Captioner
 from .fileio import write_json_atomic
-from .datasets import load_dataset
+from .datasets import load_dataset, split_rows
 from .decoding import DecodingOptions
 from .devices import autocast
 from .features import FeatureStore
@@ -103,7 +103,7 @@ def _annotations(captioner: Captioner, data_dir: Path, images: list[dict], split
         ok = store.ok
     else:
         ok = np.ones(len(images), dtype=bool)  # unreadable images are left out as they come
-    rows = [i for i, im in enumerate(images) if im.get("split") == split and ok[i]]
+    rows = split_rows(images, split, ok)
     rows = rows[:limit] if limit else rows
     if not rows:
         raise ValueError(f"{data_dir}: no images with features in split {split!r}")

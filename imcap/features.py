@@ -58,7 +58,7 @@ class FeatureStoreError(ValueError):
 
 def read_image_list(data_dir: str | os.PathLike) -> tuple[Path, list[str]]:
     """(image_root, [images[i]["file"], ...]) from DATA_DIR/dataset.json; files are relative to image_root."""
-    from .datasets import _escapes_root, load_dataset
+    from .datasets import escapes_root as _escapes_root, load_dataset
 
     path = Path(data_dir) / "dataset.json"
     if not path.exists():

@@ -19,34 +19,19 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
-from .distributed import Distributed
 from .encoders import EncoderSpec, ImageEncoder, block_count, build_encoder
 from .features import _load_batch, _prefetch, read_image_list
 from .images import ImageError
 
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
-
-def check_finetune_config(cfg: TrainConfig, spec: EncoderSpec, dist: Distributed) -> None:
-    """ValueError for what fine-tuning cannot do with the encoder of `spec` (cfg.finetune_blocks != 0)."""
-    blocks = block_count(spec.name)
-    if not 0 < cfg.finetune_blocks <= blocks:
-        raise ValueError(f"--finetune-blocks must be 1..{blocks}: {spec.name} has {blocks} MBConv blocks, "
-                         f"got {cfg.finetune_blocks}")
-    if not cfg.init_from:
-        raise ValueError("--finetune-blocks needs --init-from RUN_DIR: fine-tune a decoder trained on cached features")
-    if cfg.objective != "xe":
-        raise ValueError("--finetune-blocks works with the cross-entropy objective only (not --objective scst)")
-    if dist.world > 1:
-        raise ValueError("--finetune-blocks runs in one process (not under torchrun)")
-    if cfg.encoder_lr <= 0:
-        raise ValueError(f"--encoder-lr must be > 0, got {cfg.encoder_lr}")
+def check_blocks(blocks: int, spec: EncoderSpec) -> None:
+    """ValueError unless 0 < blocks <= the MBConv blocks of `spec`'s encoder."""
+    count = block_count(spec.name)
+    if not 0 < blocks <= count:
+        raise ValueError(f"--finetune-blocks must be 1..{count}: {spec.name} has {count} MBConv blocks, got {blocks}")
 
 
 def base_encoder(spec: EncoderSpec, encoder: ImageEncoder | None = None) -> ImageEncoder:
@@ -65,7 +50,8 @@ def base_encoder(spec: EncoderSpec, encoder: ImageEncoder | None = None) -> Imag
 
 
 class EncoderTuner:
-    """The encoder of a feature store with its top `blocks` MBConv blocks (and head conv) trainable.
+    """The encoder of a feature store with its top `blocks` MBConv blocks (and head conv) trainable, at
+    lr_scale times the decoder's learning rate.
 
     features(rows) decodes the images of dataset rows and encodes them: the frozen lower blocks always run
     without autograd; the top blocks build a graph when grad is enabled (training), not in validation.
@@ -73,22 +59,22 @@ class EncoderTuner:
     may call it ahead of time) and encode(pixels) moves them to the device and encodes them there.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, spec: EncoderSpec, cfg: TrainConfig,
-                 dist: Distributed = Distributed(), encoder: ImageEncoder | None = None,
-                 weights: dict[str, torch.Tensor] | None = None, device: torch.device = torch.device("cpu")):
-        check_finetune_config(cfg, spec, dist)
+    def __init__(self, data_dir: str | os.PathLike, spec: EncoderSpec, blocks: int, lr_scale: float = 1.0,
+                 encoder: ImageEncoder | None = None, weights: dict[str, torch.Tensor] | None = None,
+                 device: torch.device = torch.device("cpu")):
+        check_blocks(blocks, spec)
         self.encoder = base_encoder(spec, encoder)
         if weights is not None:  # resuming, or going on from a fine-tuned run
             self.encoder.load_top_state(weights)
         self.device = device
         self.encoder.to(device)
-        self.blocks = cfg.finetune_blocks
+        self.blocks = blocks
         self.params = self.encoder.trainable_top_blocks(self.blocks)  # ValueError if blocks > the trunk's blocks
         # BatchNorm stays in eval mode for the whole run: its running statistics stay the pretrained ones
         # (batches of ~25 images are too small to estimate them), and its affine weights train like the rest.
         # Eval mode also turns drop-connect off, so an encoded image depends on the weights only (exact resume).
         self.encoder.eval()
-        self.lr_scale = cfg.encoder_lr / cfg.lr
+        self.lr_scale = lr_scale  # its LR relative to the decoder's, at every step
         image_root, files = read_image_list(data_dir)
         self.paths = [image_root / f for f in files]  # row i of the feature store = images[i]
 

@@ -6,7 +6,9 @@ import os
 import re
 import stat
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -30,12 +32,29 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     Raises ImageError with a one-line message for anything that is not a usable image.
     """
     p = Path(path)
+    with _opened(p) as f:
+        return _to_rgb_checked(_decode(f, str(p)), str(p))
+
+
+def probe_image(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of `path`, checked as load_image checks it but from the header alone, nothing decoded:
+    fast on 100k images (`imcap prepare`), though a truncated body is not noticed (the feature store marks
+    such an image failed). Raises ImageError with load_image's one-line messages."""
+    p = Path(path)
+    with _opened(p) as f, _decode(f, str(p), load=False) as img:
+        w, h = img.size
+    if w * h == 0:
+        raise ImageError(f"{p}: unusable image size {w}x{h}")
+    return w, h
+
+
+@contextmanager
+def _opened(p: Path) -> Iterator[BinaryIO]:
+    """`p` open for reading once check_file passes; an OSError opening it is an ImageError naming it."""
     try:
         check_file(p)
         with open(p, "rb") as f:
-            return _to_rgb_checked(_decode(f, str(p)), str(p))
-    except ImageError:
-        raise
+            yield f
     except PermissionError:
         raise ImageError(f"{p}: permission denied") from None
     except OSError as e:
@@ -72,12 +91,14 @@ def _to_rgb_checked(img: Image.Image, name: str) -> Image.Image:
         raise ImageError(f"{name}: cannot convert a {img.mode} image to RGB ({e})") from None
 
 
-def _decode(fileobj, name: str) -> Image.Image:
+def _decode(fileobj, name: str, load: bool = True) -> Image.Image:
+    """The image in `fileobj`, decoded (load=False: its header only); ImageError naming `name` otherwise."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = open_header(fileobj, name)
-            img.load()
+            if load:
+                img.load()
             return img
     except ImageError:
         raise

@@ -115,14 +115,16 @@ def reward_references(captions: Sequence[Sequence[Sequence[int]]]) -> CiderD:
     return CiderD([[[*(NO_MATCH if t == UNK else t for t in c), END] for c in refs] for refs in captions])
 
 
-def sample_captions(model, features: torch.Tensor, samples: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw `samples` captions per image from the model, keeping the graph.
+def sample_captions(model, features: torch.Tensor, samples: int, max_length: int,
+                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `samples` captions per image from the model at `temperature`, keeping the graph.
 
     features: (I, P, D). Returns tokens (I * samples, T) and their log probabilities (I * samples, T), rows
     grouped by image; positions after a caption's <end> hold PAD and log probability 0. A caption that
     reaches max_length words without <end> stops there. <pad> and <start> are never drawn: the policy is the
-    model's distribution renormalised over the other tokens. Runs on the features' device; log probabilities
-    are float32 under autocast too.
+    model's distribution renormalised over the other tokens, sharpened by the temperature (p^(1/T), renormalised;
+    1: the model's own); the log probabilities are the policy's, the sampled distribution. Runs on the
+    features' device; log probabilities are float32 under autocast too.
     """
     memory = model.attend_memory(features)  # rows (I): an image's samples share its memory (model.step)
     state = tuple(s.repeat_interleave(samples, dim=0) for s in model.init_state(memory))  # rows (R = I * samples)
@@ -135,6 +137,7 @@ def sample_captions(model, features: torch.Tensor, samples: int, max_length: int
     for _ in range(max_length + 1):  # max_length words, then one last chance for <end>
         lp, state, _alpha = model.step(tokens, state, memory)  # (R, V)
         lp = lp.float().index_fill(1, banned, float("-inf"))  # fp32 under autocast too (the REINFORCE term's)
+        lp = lp / temperature if temperature != 1.0 else lp
         lp = lp - lp.logsumexp(1, keepdim=True)  # the policy: the model's distribution over real words
         tokens = torch.multinomial(lp.detach().exp(), 1).squeeze(1)  # (R,)
         tokens = torch.where(alive, tokens, PAD)
@@ -148,7 +151,7 @@ def sample_captions(model, features: torch.Tensor, samples: int, max_length: int
 
 def scst_loss(
     model, features: torch.Tensor, images: Sequence[int], cider: CiderD, *, samples: int = 5,
-    max_length: int = 20, baseline: str = "greedy", total_rows: int | None = None,
+    max_length: int = 20, baseline: str = "greedy", total_rows: int | None = None, temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The self-critical loss of one batch of images (features (I, P, D), images: their reference indices).
 
@@ -174,7 +177,7 @@ def scst_loss(
         base_per_image = cider.scores(words_of([h.tokens for h in greedy], keep_end=True), images)  # (I,)
         base = np.repeat(base_per_image, samples)
         parts["greedy_reward"] = float(base_per_image.mean())
-    tokens, log_probs = sample_captions(model, features, samples, max_length)
+    tokens, log_probs = sample_captions(model, features, samples, max_length, temperature)
     model.train(was_training)
     reward = cider.scores(words_of(tokens, keep_end=True), row_images)  # (R,)
     if baseline == "mean":

@@ -53,7 +53,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from . import __version__
-from .api import Caption, Captioner
+from .api import Captioner
+from .captions import Caption, DecodingOptions
 from .checkpoint import CheckpointError
 from .devices import describe
 from .images import ImageError, open_image
@@ -91,6 +92,10 @@ class CaptionOptions(BaseModel):
     length_penalty: float = Field(description="GNMT length penalty exponent (0: none)")
     attention: bool = Field(description="attention grids included")
     overlays: bool = Field(description="heat-map overlay images included")
+
+    def search(self) -> DecodingOptions:
+        """The search settings of these options (the request's, already within the limits)."""
+        return DecodingOptions(self.beam_size, self.max_length, self.length_penalty, self.n_best)
 
 
 class Candidate(BaseModel):
@@ -363,8 +368,7 @@ def _caption_all(captioner: Captioner, images: dict[int, Image.Image],
                  options: CaptionOptions) -> dict[int, Caption | Exception]:
     """Caption the images as one batch; if that raises, one by one, so that an image that breaks it fails alone."""
     def caption(batch: list[Image.Image]) -> list[Caption]:
-        return captioner.caption(batch, beam_size=options.beam_size, n_best=options.n_best,
-                                 max_length=options.max_length, length_penalty=options.length_penalty)
+        return captioner.caption(batch, options=options.search())
 
     if not images:
         return {}

@@ -31,8 +31,12 @@ from .fileio import write_json_atomic
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 
-LANGUAGES = ("en", "zh", "zh-char", "space")
-_ALIASES = {"vi": "space", "english": "en", "chinese": "zh", "zh_char": "zh-char"}
+# The tokenizer languages: name -> what its tokens are (one line, for --help); the CLI's choices come from here.
+LANGUAGE_TOKENS = {"en": "English words", "zh": "jieba words", "space": "words split at spaces, as in Vietnamese (vi)",
+                   "zh-char": "characters"}
+LANGUAGES = tuple(LANGUAGE_TOKENS)
+ALIASES = {"vi": "space"}  # other names offered to users
+_ALIASES = {**ALIASES, "english": "en", "chinese": "zh", "zh_char": "zh-char"}  # also accepted
 _UNSPACED = frozenset({"zh", "zh-char"})  # written without spaces between words: detokenized by joining with ""
 
 _EN_CLITIC = re.compile(r"(?<=[^\W_])(n't|'s|'re|'ll|'m|'ve|'d)\b")
@@ -107,7 +111,8 @@ def normalize_language(language: str) -> str:
     """The canonical language name ("en", "zh", "zh-char", "space"); ValueError for an unknown one."""
     name = _ALIASES.get(str(language).lower(), str(language).lower())
     if name not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r}: expected one of en, zh, space, zh-char (or vi)")
+        expected = f"{', '.join(LANGUAGES)} (or {', '.join(ALIASES)})"
+        raise ValueError(f"unknown language {language!r}: expected one of {expected}")
     return name
 
 

@@ -1,5 +1,8 @@
-"""Training on cached features: teacher forcing, Adam, clipping, a step-based LR schedule, validation by
-real decoding each epoch, early stopping and best-checkpoint selection on CIDEr, exact resume.
+"""The training loop on cached features: Adam, clipping, a step-based LR schedule, validation by real
+decoding each epoch, early stopping and best-checkpoint selection on CIDEr, exact resume. What a step
+optimises is the run's objective (objectives.py: cross-entropy, SCST); its settings and the resume checks are
+in train_config.py, Ctrl-C in interrupts.py, TensorBoard in tblog.py. The file stays over 400 lines because
+the Trainer is one piece: its state (progress, RNG, optimizer) is what a checkpoint saves and a resume restores.
 
 Exact resume: the epoch's batch order comes from a generator seeded by (seed, epoch), the LR is a
 function of the global step, and checkpoints hold the optimizer state and the torch RNG (dropout), so
@@ -32,12 +35,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -45,181 +46,20 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .checks import require_choice, require_int, require_number
-from .datasets import load_dataset, load_vocab
-from .decoding import MAX_BEAM_SIZE, MAX_LENGTH, DecodingOptions, decode
+from .datasets import load_dataset, load_vocab, split_rows
+from .decoding import DecodingOptions, decode
 from .devices import autocast, describe, resolve_device, resolve_precision
 from .distributed import Distributed
 from .encoders import ImageEncoder
 from .features import FeatureStore, _prefetch
-from .fileio import remove_stale_temporaries, write_error, write_jsonl_atomic
+from .fileio import remove_stale_temporaries, write_jsonl_atomic
+from .interrupts import CtrlC, TrainingInterrupted
 from .metrics import validation_scores
-from .model import ModelConfig, ShowAttendTell, caption_loss
-from .scst import reward_references, scst_loss
-from .text import END, START, Vocabulary
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20  # maximum epochs (one epoch = every training caption once)
-    batch_size: int = 64  # captions per batch
-    lr: float = 4e-4  # peak Adam learning rate
-    lr_schedule: str = "cosine"  # "cosine" (warm-up then cosine decay to lr * min_lr_ratio) or "constant"
-    warmup_steps: int = 100  # linear warm-up steps
-    min_lr_ratio: float = 0.05  # final LR of the cosine schedule, relative to lr
-    weight_decay: float = 0.0  # Adam weight decay
-    grad_clip: float = 5.0  # max gradient norm (0: no clipping)
-    alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty (lambda)
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    patience: int = 5  # stop after this many epochs without a better validation CIDEr (0: never)
-    val_beam: int = 1  # beam size of validation decoding (1 = greedy)
-    val_max_length: int = 30  # words per validation caption
-    val_images: int = 0  # validate on the first N validation images (0: all)
-    group_by_image: bool = True  # batches hold all captions of their images: each image is projected once
-    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
-    seed: int = 0  # initialisation, batch order and dropout
-    init_from: str = ""  # start from these weights (a RUN_DIR's best checkpoint, or a checkpoint directory)
-    objective: str = "xe"  # "xe": cross-entropy with teacher forcing; "scst": self-critical CIDEr-D (scst.py)
-    scst_samples: int = 5  # SCST: captions sampled per image
-    scst_baseline: str = "greedy"  # SCST: "greedy" (the paper's) or "mean" (of the image's other samples)
-    scst_max_length: int = 20  # SCST: words per sampled caption
-    hard_reinforce_weight: float = 1.0  # hard attention: weight of the REINFORCE term (lambda_r)
-    hard_entropy_weight: float = 0.01  # hard attention: weight of the attention entropy bonus (lambda_e)
-    hard_baseline_decay: float = 0.9  # hard attention: moving average of the reward baseline
-    finetune_blocks: int = 0  # end-to-end (finetune.py): also train the encoder's last N blocks + head on images
-    encoder_lr: float = 1e-4  # peak LR of those encoder blocks (the same schedule as lr, scaled)
-    micro_batches: int = 1  # split each process's share of a batch into N backward passes, one optimizer step
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    def validate(self, where: str = "") -> "TrainConfig":
-        """Self, or ValueError naming the first field out of range (prefixed by `where`, e.g. "train_config.")."""
-        many = 10**9
-        for name, low, high in (("epochs", 0, many), ("batch_size", 1, many), ("warmup_steps", 0, many),
-                                ("patience", 0, many), ("val_beam", 1, MAX_BEAM_SIZE), ("val_max_length", 1, MAX_LENGTH),
-                                ("val_images", 0, many), ("checkpoint_every", 0, many), ("seed", 0, 2**32 - 1),
-                                ("scst_samples", 1, 1000), ("scst_max_length", 1, MAX_LENGTH), ("finetune_blocks", 0, 1000),
-                                ("micro_batches", 1, 4096)):
-            require_int(where + name, getattr(self, name), low, high)
-        for name, high, open_high in (("lr", math.inf, True), ("min_lr_ratio", 1, False), ("weight_decay", math.inf, True),
-                                      ("grad_clip", math.inf, True), ("alpha_c", math.inf, True),
-                                      ("label_smoothing", 1, True), ("hard_reinforce_weight", math.inf, True),
-                                      ("hard_entropy_weight", math.inf, True), ("hard_baseline_decay", 1, False),
-                                      ("encoder_lr", math.inf, True)):
-            require_number(where + name, getattr(self, name), 0, high, open_high=open_high)
-        for name, choices in (("lr_schedule", ("cosine", "constant")), ("objective", ("xe", "scst")),
-                              ("scst_baseline", ("greedy", "mean")), ("group_by_image", (True, False))):
-            require_choice(where + name, getattr(self, name), choices)
-        if not isinstance(self.init_from, str):
-            raise ValueError(f"'{where}init_from' must be a run directory, got {str(self.init_from)[:40]!r}")
-        return self
-
-
-@dataclass
-class Progress:
-    """Where training is; saved in every checkpoint."""
-
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # batches done in the current epoch
-    global_step: int = 0
-    best_cider: float = -1.0
-    best_epoch: int = -1
-    epochs_since_best: int = 0
-    history: list = field(default_factory=list)  # one dict per finished epoch
-    # running sums of the current epoch, so that an epoch resumed mid-way reports the whole epoch
-    epoch_loss_sum: float = 0.0
-    epoch_part_sums: dict = field(default_factory=dict)
-    epoch_seen: int = 0  # captions (SCST: images) trained on
-    epoch_seconds: float = 0.0
-    epoch_wait_seconds: float = 0.0  # of epoch_seconds, the training thread's wait for batches
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped Trainer.train; the message (one line) says where, what was written and how to go on."""
-
-
-class _CtrlC:
-    """What SIGINT does while training (active: one process, in the main thread; else Ctrl-C stays the plain
-    KeyboardInterrupt). In mode "step" the first sets `requested` (training checkpoints at the next step boundary
-    and stops) and a second raises KeyboardInterrupt; "at_once" (validation, which nothing resumes from) raises
-    on the first; "shielded" (a checkpoint being written) only sets `requested`."""
-
-    def __init__(self, active: bool):
-        self.active = active and threading.current_thread() is threading.main_thread()
-        self.requested = False
-        self._mode = "step"
-        self._previous = None
-
-    def __enter__(self) -> "_CtrlC":
-        if self.active:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.active:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-
-    @contextlib.contextmanager
-    def mode(self, mode: str) -> Iterator[None]:
-        before, self._mode = self._mode, mode
-        try:
-            yield
-        finally:
-            self._mode = before
-
-    def _handle(self, signum, frame) -> None:
-        if self._mode == "at_once" or (self._mode == "step" and self.requested):
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-class CaptionPairs:
-    """Every (image, caption) pair of one split as padded id tensors, with features from the store."""
-
-    def __init__(self, images: list[dict], vocab: Vocabulary, store: FeatureStore, split: str, max_length: int):
-        rows, caps = [], []
-        for i, im in enumerate(images):
-            if im.get("split") != split or not store.ok[i]:
-                continue
-            for tokens in im["tokens"]:
-                if tokens:
-                    rows.append(i)
-                    caps.append([START, *vocab.encode(tokens[:max_length]), END])
-        self.store = store
-        self.rows = torch.tensor(rows, dtype=torch.long)  # (N,) feature row of each caption
-        self.lengths = torch.tensor([len(c) for c in caps], dtype=torch.long)  # (N,)
-        self.captions = torch.zeros(len(caps), max(map(len, caps), default=2), dtype=torch.long)  # (N, L)
-        for j, c in enumerate(caps):
-            self.captions[j, : len(c)] = torch.tensor(c)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def epoch_order(self, generator: torch.Generator, group_by_image: bool) -> torch.Tensor:
-        """A shuffled order of all captions; grouped: images shuffled, each image's captions together."""
-        if not group_by_image:
-            return torch.randperm(len(self), generator=generator)
-        images = torch.unique(self.rows)
-        rank = torch.empty(int(images.max()) + 1, dtype=torch.long)
-        rank[images[torch.randperm(len(images), generator=generator)]] = torch.arange(len(images))
-        return torch.argsort(rank[self.rows], stable=True)
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """features (I, P, D) of the batch's distinct images, captions (B, L), lengths (B,), image index (B,)."""
-        rows, captions, lengths, image_index = self.batch_rows(idx)
-        return self.store.get(rows.numpy()), captions, lengths, image_index
-
-    def batch_rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Like batch, with the feature rows (I,) of the distinct images in place of their features."""
-        lengths = self.lengths[idx]
-        captions = self.captions[idx, : int(lengths.max())]  # (B, L) trimmed to the longest
-        rows, image_index = torch.unique(self.rows[idx], return_inverse=True)
-        return rows, captions, lengths, image_index
+from .model import ModelConfig, ShowAttendTell
+from .objectives import OBJECTIVES, Objective
+from .train_config import Progress, TrainConfig, check_finetune, check_resumable
+from .tblog import open_tensorboard as _tensorboard
+from .text import Vocabulary
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -242,7 +82,7 @@ def validate(
     features: rows -> annotations (default store.get; a fine-tuned encoder encodes the images instead).
     Decoding runs on the model's device, under autocast for precision bf16/fp16."""
     features = features or store.get
-    rows = [i for i, im in enumerate(images) if im.get("split") == "val" and store.ok[i]]
+    rows = split_rows(images, "val", store.ok)
     rows = rows[:limit] if limit else rows
     if not rows:
         return {}, {}
@@ -286,7 +126,7 @@ class Trainer:
         resume = (self.out_dir / "checkpoint").exists() or (self.out_dir / "checkpoint.old").exists()
         saved = ckpt.load_checkpoint(self.out_dir / "checkpoint") if resume else None
         if saved:
-            _check_resumable(self.out_dir / "checkpoint", saved[0])
+            check_resumable(self.out_dir / "checkpoint", saved[0])
             self._check_same_data(saved[0])
             features = saved[0]["data"]["features"]
         store_encoder, size = _split_store_name(features)
@@ -308,7 +148,7 @@ class Trainer:
                                             **overrides).validate()
         self.cfg.validate()
         self.init_encoder_weights: dict[str, torch.Tensor] | None = None  # set by _initial_weights
-        self._ctrl_c = _CtrlC(False)  # train() installs an active one
+        self._ctrl_c = CtrlC(False)  # train() installs an active one
         self._session = [0, 0.0]  # steps trained by this process and their seconds (validation apart): the ETA
         init = self._initial_weights() if not saved and self.cfg.init_from else None
         self.log(f"training on {describe(self.device)}, {self.precision}")
@@ -318,10 +158,11 @@ class Trainer:
         if self.cfg.finetune_blocks:
             from .finetune import EncoderTuner
 
+            check_finetune(self.cfg, self.dist)
             weights = (ckpt.load_encoder_weights(self.out_dir / "checkpoint", saved[0]) if saved
                        else self.init_encoder_weights)
-            self.tuner = EncoderTuner(self.data_dir, self.store.spec, self.cfg, self.dist, encoder, weights,
-                                      device=self.device)
+            self.tuner = EncoderTuner(self.data_dir, self.store.spec, self.cfg.finetune_blocks,
+                                      self.cfg.encoder_lr / self.cfg.lr, encoder, weights, device=self.device)
         groups = [{"params": list(self.model.parameters())}, *(self.tuner.param_groups() if self.tuner else [])]
         self.optimizer = _adam(groups, self.cfg)
         # fp16: the loss is scaled before backward and the gradients unscaled before clipping; off otherwise
@@ -330,13 +171,9 @@ class Trainer:
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None  # one GPU per process
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        max_len = int(self.meta.get("max_length", 30))
-        self.train_pairs = CaptionPairs(self.images, self.vocab, self.store, "train", max_len)
-        if len(self.train_pairs) == 0:
+        self.objective: Objective = OBJECTIVES[self.cfg.objective](self)  # what a step optimises (objectives.py)
+        if len(self.objective) == 0:
             raise ValueError(f"{self.data_dir}: no training captions with features (is there a train split?)")
-        self.train_images = _train_images(self.images, self.store)  # SCST works on images, not captions
-        self.cider = reward_references([[self.vocab.encode(t[:max_len]) for t in self.images[i]["tokens"] if t]
-                                        for i in self.train_images.tolist()]) if self.cfg.objective == "scst" else None
         self.progress = Progress()
         if init is not None:
             ckpt.load_weights(self.model, init, ckpt.find_checkpoint(self.cfg.init_from))
@@ -349,8 +186,7 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        units = len(self.train_images) if self.cfg.objective == "scst" else len(self.train_pairs)
-        return math.ceil(units / self.cfg.batch_size)
+        return math.ceil(len(self.objective) / self.cfg.batch_size)
 
     def _initial_weights(self) -> dict[str, torch.Tensor]:
         """Weights of cfg.init_from; its model configuration replaces the one given, its vocabulary must match."""
@@ -427,7 +263,7 @@ class Trainer:
         self.model.train()
         if self.dist.main and p.history:  # a kill after the last checkpoint may have left it an epoch short
             write_jsonl_atomic(self.out_dir / "metrics.jsonl", p.history)
-        self._ctrl_c = _CtrlC(self.dist.world == 1)
+        self._ctrl_c = CtrlC(self.dist.world == 1)
         try:
             with self._ctrl_c:
                 return self._train_epochs(progress_bar, stop_after_steps, writer)
@@ -436,7 +272,7 @@ class Trainer:
                 raise
             raise TrainingInterrupted(self._stopped_without_checkpoint()) from None
         finally:
-            self._ctrl_c = _CtrlC(False)
+            self._ctrl_c = CtrlC(False)
             if writer:
                 writer.close()
 
@@ -451,10 +287,7 @@ class Trainer:
                 self.save()
                 raise self._interrupted()
             generator = torch.Generator().manual_seed(cfg.seed * 100_003 + p.epoch)
-            if cfg.objective == "scst":
-                order = self.train_images[torch.randperm(len(self.train_images), generator=generator)]
-            else:
-                order = self.train_pairs.epoch_order(generator, cfg.group_by_image)
+            order = self.objective.epoch_order(generator)
             batches = self._batches(order)
             t0 = time.time() - p.epoch_seconds  # the seconds before a mid-epoch resume count too
             bar = tqdm(total=len(batches), initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
@@ -476,11 +309,11 @@ class Trainer:
                     clock, seconds = time.perf_counter(), time.perf_counter() - clock
                     self._session[0] += 1
                     self._session[1] += seconds
-                    bar.update(1)
                     bar.set_postfix({"loss": f"{loss:.3f}", **({"xent": f"{parts['xent']:.3f}"} if "xent" in parts else {}),
                                      "caps_per_s": f"{p.epoch_seen / max(p.epoch_seconds, 1e-9):.0f}",
                                      "data_wait": f"{p.epoch_wait_seconds / max(p.epoch_seconds, 1e-9):.0%}",
-                                     "run_eta": _duration(self._run_eta(total_steps))})  # in this order
+                                     "run_eta": _duration(self._run_eta(total_steps))}, refresh=False)  # in this order
+                    bar.update(1)  # drawn with the step's figures
                     if writer and p.global_step % 20 == 0:
                         writer.add_scalar("train/loss", loss, p.global_step)
                         for k, v in parts.items():
@@ -557,41 +390,34 @@ class Trainer:
 
     def _prepare(self, idx: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """The host side of batch `idx`: this process's share of it (rows rank::world) split into micro-batches
-        (rows k::micro_batches of the share), each as CPU tensors (pinned for a CUDA device):
-        cross-entropy (annotations (I, P, D) or the tuner's pixels, captions (B, L), lengths (B,), image index
-        (B,)), SCST (feature rows (I,), annotations (I, P, D)). No RNG is drawn: it may run in another thread."""
+        (rows k::micro_batches of the share), each as the objective's CPU tensors (pinned for a CUDA device).
+        No RNG is drawn: it may run in another thread."""
         share = self.dist.shard(idx)
         n = self.cfg.micro_batches
         out = []
         for part in (share[k::n] for k in range(min(n, len(share)))):
-            if self.cfg.objective == "scst":
-                tensors = (part, self._source(part))
-            else:
-                rows, captions, lengths, image_index = self.train_pairs.batch_rows(part)
-                tensors = (self._source(rows), captions, lengths, image_index)
+            tensors = self.objective.prepare(part)
             out.append(tuple(t.pin_memory() for t in tensors) if self.device.type == "cuda" else tensors)
         return out
 
-    def _source(self, rows: torch.Tensor) -> torch.Tensor:
+    def source(self, rows: torch.Tensor) -> torch.Tensor:
         """What the model's annotations of `rows` are made from, on the CPU: cached features, or the tuner's pixels."""
         return self.tuner.load(rows.numpy()) if self.tuner else self.store.get(rows.numpy())
 
     def _step(self, idx: torch.Tensor, batch: list[tuple[torch.Tensor, ...]]) -> tuple[float, dict]:
         """One optimizer step on the batch `idx` (this process computes its shard of it), prepared by _prepare:
         a backward per micro-batch (DDP synchronises the last one's), clipping, the step.
-        idx: caption numbers of train_pairs (cross-entropy) or feature rows of images (SCST)."""
+        idx: the objective's units (caption numbers for cross-entropy, feature rows of images for SCST)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, parts = 0.0, {}
         for k, micro in enumerate(batch):
             later = k < len(batch) - 1 and self.net is not self.model  # DDP: add up locally, all-reduce once
             with self.net.no_sync() if later else contextlib.nullcontext():
-                micro_loss, micro_parts = (self._scst_backward if self.cfg.objective == "scst"
-                                           else self._xe_backward)(idx, micro)
+                micro_loss, micro_parts = self.objective.backward(idx, micro)
             loss += micro_loss
             for name, v in micro_parts.items():
                 parts[name] = parts.get(name, 0.0) + v
-        if self.cfg.objective == "scst":  # sampling runs outside the DDP wrapper: add the shards' gradients here
-            self.dist.sum_gradients(self.model.parameters())
+        self.objective.after_backward()
         self.scaler.unscale_(self.optimizer)  # fp16: clip the true gradients (a no-op otherwise)
         if self.cfg.grad_clip:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]  # decoder (+ encoder blocks)
@@ -599,49 +425,11 @@ class Trainer:
         self.scaler.step(self.optimizer)  # fp16: skipped when a gradient overflowed
         self.scaler.update()
         parts = {k: self.dist.sum(v) for k, v in parts.items()}
-        if "reward" in parts:  # hard attention: move the baseline towards this batch's mean reward
-            b = self.model.reward_baseline
-            decay = self.cfg.hard_baseline_decay if self.progress.global_step > 0 else 0.0
-            b.fill_(decay * float(b) + (1 - decay) * parts["reward"])
+        self.objective.after_step(parts)
         return self.dist.sum(loss), parts
-
-    def _xe_backward(self, idx: torch.Tensor, micro: tuple[torch.Tensor, ...]) -> tuple[float, dict]:
-        """Teacher forcing on one micro-batch, normalised by the whole batch's words and captions, and its backward."""
-        lengths_all = self.train_pairs.lengths[idx]
-        totals = (float((lengths_all - 1).sum()), float(len(idx)))  # words and captions of the whole batch
-        source, captions, lengths, image_index = (t.to(self.device, non_blocking=True) for t in micro)
-        hard = self.model_config.attention == "hard"
-        with autocast(self.device, self.precision):
-            features = self.tuner.encode(source) if self.tuner else source  # (I, P, D)
-            out = self.net(features, captions, lengths, image_index, return_samples=hard)
-        logits, alphas = out[0].float(), out[1].float()  # (B, T, V), (B, T, P): the loss in fp32
-        loss, parts = caption_loss(logits, captions[:, 1:], alphas, lengths, alpha_c=self.cfg.alpha_c,
-                                   label_smoothing=self.cfg.label_smoothing, totals=totals,
-                                   samples=out[2] if hard else None, baseline=float(self.model.reward_baseline),
-                                   reinforce_weight=self.cfg.hard_reinforce_weight,
-                                   entropy_weight=self.cfg.hard_entropy_weight)
-        # DDP averages gradients over processes: undo it (exact, world is a power of 2 in practice), shards add up
-        self.scaler.scale(loss * self.dist.world).backward()
-        return float(loss.detach()), parts
-
-    def _scst_backward(self, idx: torch.Tensor, micro: tuple[torch.Tensor, ...]) -> tuple[float, dict]:
-        """Self-critical loss of one micro-batch of images (sampled on the device), and its backward."""
-        rows, features = micro[0], micro[1].to(self.device, non_blocking=True)
-        cfg = self.cfg
-        with autocast(self.device, self.precision):
-            loss, parts = scst_loss(self.model, features, self._cider_index(rows), self.cider,
-                                    samples=cfg.scst_samples, max_length=cfg.scst_max_length,
-                                    baseline=cfg.scst_baseline, total_rows=len(idx) * cfg.scst_samples)
-        self.scaler.scale(loss).backward()
-        return float(loss.detach()), {k: v * len(rows) / len(idx) for k, v in parts.items()}  # -> batch means
-
-    def _cider_index(self, rows: torch.Tensor) -> list[int]:
-        """Feature rows -> their positions in self.train_images (the CIDEr-D reference sets)."""
-        return torch.searchsorted(self.train_images, rows.contiguous()).tolist()  # rows k::N of a micro-batch
 
     def _end_epoch(self, options: DecodingOptions, loss: float, seconds: float, seen: int, writer,
                    parts: dict[str, float], total_steps: int) -> None:
-        p = self.progress
         t0 = time.time()
         try:
             with self._ctrl_c.mode("at_once"):  # validation changes nothing: Ctrl-C stops it at once
@@ -723,71 +511,6 @@ def _adam(groups: list[dict], cfg: TrainConfig) -> torch.optim.Adam:
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-RESUMABLE_CHANGES = ("epochs", "micro_batches")  # the training settings a resume may change
-
-
-def resume_conflicts(out_dir: str | os.PathLike, model_config: dict, train_config: dict) -> list[str]:
-    """The settings given for a run that already has a checkpoint in out_dir and that differ from the run's own:
-    a resume keeps the run's model and training settings (except RESUMABLE_CHANGES), so these would be ignored.
-    model_config / train_config: only the settings given (e.g. the command line's flags). [] when out_dir has no
-    checkpoint or nothing differs."""
-    import json
-
-    for name in ("checkpoint", "checkpoint.old"):
-        file = Path(out_dir) / name / "checkpoint.json"
-        if file.is_file():
-            break
-    else:
-        return []
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-        saved_model, saved_train = dict(meta["model_config"]), dict(meta["train_config"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []  # an unreadable checkpoint: the Trainer says what is wrong with it
-    conflicts = [k for k, v in model_config.items() if k in saved_model and saved_model[k] != v]
-    conflicts += [k for k, v in train_config.items()
-                  if k not in RESUMABLE_CHANGES and k in saved_train and saved_train[k] != v]
-    return conflicts
-
-
-def _check_resumable(path: Path, meta: dict) -> None:
-    """What resuming reads from checkpoint.json beyond what every checkpoint has; CheckpointError if absent.
-    (load_checkpoint has already checked the types of these sections when present.)"""
-    for key in ("data", "train_config", "progress"):
-        if key not in meta:
-            raise ckpt.CheckpointError(f"{path}/checkpoint.json: cannot resume, '{key}' is missing")
-    if "features" not in meta["data"]:
-        raise ckpt.CheckpointError(f"{path}/checkpoint.json: cannot resume, data.features is missing")
-    unknown = set(meta["progress"]) - set(Progress.__dataclass_fields__)
-    if unknown:
-        raise ckpt.CheckpointError(f"{path}/checkpoint.json: unknown progress keys {', '.join(sorted(unknown))}")
-    try:
-        TrainConfig.from_dict(meta["train_config"]).validate("train_config.")
-        _check_progress(meta["progress"])
-    except ValueError as e:
-        raise ckpt.CheckpointError(f"{path}/checkpoint.json: {e}") from None
-
-
-def _check_progress(progress: dict) -> None:
-    """What training reads from a saved Progress beyond the counters load_checkpoint checks; ValueError naming the key."""
-    history, epoch = progress.get("history", []), progress.get("epoch", 0)
-    if not isinstance(history, list) or len(history) != epoch or not all(
-            isinstance(h, dict) and isinstance(h.get("val"), dict) for h in history):
-        raise ValueError(f"'progress.history' must be a list of {epoch} epoch records (objects with 'val'), "
-                         f"got {str(history)[:40]!r}")
-    require_int("progress.best_epoch", progress.get("best_epoch", -1), -1, len(history))
-    require_int("progress.epochs_since_best", progress.get("epochs_since_best", 0), 0, 10**9)
-    require_int("progress.epoch_seen", progress.get("epoch_seen", 0), 0, 10**18)
-    require_number("progress.best_cider", progress.get("best_cider", -1.0), -math.inf, math.inf)
-    for key in ("epoch_loss_sum", "epoch_seconds", "epoch_wait_seconds"):  # NaN allowed: a diverged epoch's loss
-        value = progress.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"'progress.{key}' must be a number, got {str(value)[:40]!r}")
-    parts = progress.get("epoch_part_sums", {})
-    if not isinstance(parts, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in parts.values()):
-        raise ValueError(f"'progress.epoch_part_sums' must map names to numbers, got {str(parts)[:40]!r}")
-
-
 def _loss_parts(parts: dict[str, float], alpha_c: float) -> str:
     """' (xent 2.850 + 1.0 x penalty 0.360)': what the cross-entropy loss is made of ('' for SCST)."""
     if "xent" not in parts or "attention_penalty" not in parts:
@@ -804,71 +527,9 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def _train_images(images: list[dict], store: FeatureStore) -> torch.Tensor:
-    """Sorted feature rows of the training images that have features and at least one caption."""
-    rows = [i for i, im in enumerate(images) if im.get("split") == "train" and store.ok[i] and any(im["tokens"])]
-    return torch.tensor(rows, dtype=torch.long)
-
-
 def _split_store_name(name: str | None) -> tuple[str | None, int | None]:
     """'efficientnet-lite0-224' -> ('efficientnet-lite0', 224); None -> (None, None)."""
     if not name:
         return None, None
     encoder, _, size = name.rpartition("-")
     return encoder, int(size)
-
-
-def _tensorboard(path: Path, step: int) -> _TensorBoard | None:
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:  # tensorboard is optional at run time
-        return None
-    return _TensorBoard(path, step)
-
-
-class _TensorBoard:
-    """TensorBoard's SummaryWriter for RUN_DIR/tb, where a write that fails (a full disk) stops TensorBoard with
-    one warning line instead of ending training. TensorBoard writes in a thread, which prints its error as a
-    traceback before the next call raises it here: while this writer is open that copy is kept quiet."""
-
-    def __init__(self, path: Path, step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.path, self.writer = path, None
-        self._previous_hook, threading.excepthook = threading.excepthook, self._quiet
-        try:
-            self.writer = SummaryWriter(str(path), purge_step=step or None)
-        except OSError as e:
-            self._stop(e)
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self._call("add_scalar", tag, value, step)
-
-    def flush(self) -> None:
-        self._call("flush")
-
-    def close(self) -> None:
-        self._call("close")
-        if threading.excepthook == self._quiet:
-            threading.excepthook = self._previous_hook
-
-    def _call(self, method: str, *args) -> None:
-        if self.writer is None:  # stopped
-            return
-        try:
-            getattr(self.writer, method)(*args)
-        except OSError as e:
-            self._stop(e)
-
-    def _stop(self, error: OSError) -> None:
-        """Warn once and write no more."""
-        writer, self.writer = self.writer, None
-        if writer is not None:
-            with contextlib.suppress(OSError):
-                writer.close()
-        print(f"imcap train: warning: {write_error(self.path, error)}; TensorBoard logging stopped", file=sys.stderr)
-
-    def _quiet(self, args) -> None:
-        ours = type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)
-        if not ours:
-            self._previous_hook(args)

@@ -1,12 +1,14 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from imcap.datasets import (DatasetError, ImageRecord, assign_splits, format_summary, load_dataset, load_vocab,
-                            prepare, read_aic, read_coco, read_flickr8k, read_karpathy, read_lines)
-from imcap.text import SPECIAL_TOKENS
+from imcap.cli import main
+from imcap.datasets import (FORMATS, DatasetError, ImageRecord, assign_splits, format_summary, load_dataset, load_vocab,
+                            prepare, read_aic, read_coco, read_flickr8k, read_karpathy, read_lines, split_rows)
+from imcap.text import ALIASES, LANGUAGE_TOKENS, LANGUAGES, SPECIAL_TOKENS
 
 COUNT_KEYS = ("images_present", "images_missing", "images_unreadable", "images_duplicate", "images_bad_path")
 
@@ -252,6 +254,27 @@ def test_prepare_bad_options(tmp_path):
         prepare(source, "coco", tmp_path / "out", language="xx")
     with pytest.raises(DatasetError, match="image folder not found"):
         prepare(source, "coco", tmp_path / "out", images=tmp_path / "nope")
+
+
+def test_prepare_help_offers_every_format_and_language(monkeypatch, capsys):
+    """`imcap prepare --help` lists the formats of the registry (a new format is one FORMATS entry) with what
+    each SOURCE is, and the tokenizer languages of text.py."""
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per option: nothing wrapped
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    out = capsys.readouterr().out
+    assert f"--format {{{','.join(FORMATS)}}}" in out
+    assert f"--language {{{','.join([*LANGUAGES, *ALIASES])}}}" in out
+    assert all(f"{name}: {f.help}" in out for name, f in FORMATS.items())
+    assert all(f"{name} = {tokens}" in out for name, tokens in LANGUAGE_TOKENS.items())
+    assert all(f"{f.language} for {name}" in out for name, f in FORMATS.items() if f.language != "en")
+
+
+def test_split_rows_are_the_rows_of_a_split_with_features():
+    images = [{"split": "train"}, {"split": "val"}, {"split": "train"}, {"split": None}, {"split": "train"}]
+    assert split_rows(images, "train") == [0, 2, 4]
+    assert split_rows(images, "train", ok=np.array([True, True, False, True, True])) == [0, 4]
+    assert split_rows(images, "test") == []
 
 
 # ------------------------------------------------------------------------------------------- flickr8k

@@ -57,7 +57,7 @@ def test_bottom_then_top_is_the_encoder_and_matches_the_store(tiny_data):
         for n in (0, 5, 16):
             assert torch.equal(encoder.top(encoder.bottom(x, n), n), encoder(x))
     store = FeatureStore.open(tiny_data)
-    tuner = EncoderTuner(tiny_data, store.spec, finetune_config("XE_RUN"), encoder=encoder)
+    tuner = EncoderTuner(tiny_data, store.spec, BLOCKS, encoder=encoder)
     with torch.no_grad():
         a = tuner.features(np.arange(3))  # (3, P, D) decoded and encoded now
     torch.testing.assert_close(a, store.get(np.arange(3)), atol=2e-2, rtol=1e-2)  # the store is float16

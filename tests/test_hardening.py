@@ -333,8 +333,7 @@ def _odd_path(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, words", [("dangling-symlink", "no such file"), ("symlink-loop", "cannot read image"),
                                          ("fifo", "not a regular file"), ("nul-in-name", "cannot read image")])
 def test_odd_paths_are_one_line_and_never_block(tmp_path, kind, words):
-    from imcap.datasets import probe_image
-    from imcap.images import ImageError, load_image
+    from imcap.images import ImageError, load_image, probe_image
 
     path = _odd_path(tmp_path, kind)
     for read in (load_image, probe_image):

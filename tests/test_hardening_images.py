@@ -17,10 +17,10 @@ from PIL import EpsImagePlugin, Image
 from test_hardening import cli_env, imcap_cmd, run_main, tiny_run
 
 from imcap import visualize
-from imcap.datasets import prepare, probe_image
+from imcap.datasets import prepare
 from imcap.encoders import build_encoder
 from imcap.features import extract_features
-from imcap.images import FORMATS, ImageError, load_image, open_image
+from imcap.images import FORMATS, ImageError, load_image, open_image, probe_image
 
 # A minimal EPS: Pillow's EpsImagePlugin reads its header, and decoding it means running Ghostscript (`gs`).
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"

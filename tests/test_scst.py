@@ -35,6 +35,23 @@ def test_cider_d_equals_pycocoevalcap():
     assert got[3] > got.mean()
 
 
+def test_a_known_better_caption_earns_more():
+    words: dict[str, int] = {}
+    ids = lambda text: [words.setdefault(w, len(words) + 4) for w in text.split()]  # noqa: E731
+    refs = [[ids(r) for r in ("a brown dog runs through the grass", "a dog is running on the grass",
+                              "the dog runs across a green field", "a dog running in the grass")],
+            [ids(r) for r in ("a man is standing in the water", "a man stands in a lake")],
+            [ids(r) for r in ("two children play in the snow", "kids playing in the snow")]]
+    cider = reward_references(refs)
+    right, vague, wrong, stutter, cut = (ids(c) + [END] for c in (
+        "a brown dog runs through the grass", "a dog is in the grass", "a man is standing in the water",
+        "a dog a dog a dog a dog", "a dog runs through the"))
+    scores = cider.scores([right, vague, wrong, stutter, cut], [0] * 5)
+    assert scores[0] > scores[1] > max(scores[2], scores[3])  # the right caption, then a vaguer one, then wrong ones
+    assert scores[0] > scores[4]  # stopping mid-phrase costs the n-grams that end the references
+    assert cider.score(wrong, 1) > cider.score(right, 1)  # against the man's references the ranking turns round
+
+
 def test_words_of_stops_at_end():
     tokens = torch.tensor([[5, 6, END, PAD], [7, 8, 9, 10], [END, PAD, PAD, PAD]])
     assert words_of(tokens) == [[5, 6], [7, 8, 9, 10], []]
@@ -77,6 +94,23 @@ def test_samples_are_grouped_by_image_and_masked_after_end():
     lp0, _, _ = model.step(torch.full((12,), START), model.init_state(memory), memory)
     lp0 = lp0 - lp0[:, 2:].logsumexp(1, keepdim=True)  # renormalised without <pad> and <start>
     torch.testing.assert_close(log_probs[:, 0], lp0.gather(1, tokens[:, :1]).squeeze(1))
+
+
+def test_a_lower_temperature_samples_nearer_the_greedy_caption_with_the_tempered_log_probabilities():
+    model = _model()
+    features = torch.rand(3, 4, 8)
+    torch.manual_seed(0)
+    tokens, log_probs = sample_captions(model, features, samples=40, max_length=6, temperature=0.3)
+    torch.manual_seed(0)
+    hot, _ = sample_captions(model, features, samples=40, max_length=6)
+    memory = model.attend_memory(features)
+    lp0, _, _ = model.step(torch.full((120,), START), tuple(s.repeat_interleave(40, 0) for s in model.init_state(memory)),
+                           memory)
+    best = lp0[:, 2:].argmax(1) + 2  # the most likely first word (not <pad> or <start>)
+    assert (tokens[:, 0] == best).float().mean() > (hot[:, 0] == best).float().mean()
+    tempered = lp0[:, 2:] / 0.3  # without <pad> and <start>, sharpened
+    tempered = torch.cat([torch.full((120, 2), float("-inf")), tempered - tempered.logsumexp(1, keepdim=True)], 1)
+    torch.testing.assert_close(log_probs[:, 0], tempered.gather(1, tokens[:, :1]).squeeze(1))
 
 
 @pytest.mark.parametrize("baseline", ["greedy", "mean"])

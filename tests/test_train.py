@@ -77,7 +77,7 @@ def test_learning_rate_schedule():
 def test_grouped_epoch_order_keeps_each_images_captions_together(data_dir):
     from imcap.datasets import load_dataset, load_vocab
     from imcap.features import FeatureStore
-    from imcap.train import CaptionPairs
+    from imcap.objectives import CaptionPairs
 
     _, images = load_dataset(data_dir)
     pairs = CaptionPairs(images, load_vocab(data_dir), FeatureStore.open(data_dir), "train", 30)
