@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from . import checkpoint as ckpt
-from .captions import Caption, DecodingOptions, Hypothesis
+from .captions import Caption, DecodingOptions, Hypothesis, ImageCaptioning
 from .decoding import decode
 from .devices import autocast, resolve_device, resolve_precision
 from .ensemble import Ensemble
@@ -33,7 +33,7 @@ ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 Device = Union[str, torch.device, None]
 
 
-class Captioner:
+class Captioner(ImageCaptioning):
     """A trained decoder with its vocabulary and the encoder its features came from.
 
     encoder_weights: the fine-tuned top blocks of that encoder (an end-to-end run, finetune.py), loaded into
@@ -149,25 +149,6 @@ class Captioner:
             self._encoder = encoder.to(self.device)
         return self._encoder
 
-    def caption(self, images: ImageInput | Sequence[ImageInput], *, beam_size: int = 3, max_length: int = 30,
-                length_penalty: float = 0.0, n_best: int = 1, batch_size: int = 16, allow_unk: bool = False,
-                options: DecodingOptions | None = None):
-        """Caption one image (returns a Caption; raises ImageError if unreadable) or a list of them
-        (returns a list of Captions, with `error` set for the ones that could not be read).
-        allow_unk: let the search choose <unk> (for research; captions shown to people never have it).
-        options: all the search settings as one DecodingOptions (what the CLI and the server pass); when given,
-        the keyword settings are not used."""
-        options = options or DecodingOptions(beam_size, max_length, length_penalty, n_best, allow_unk)
-        if not isinstance(images, (list, tuple)):
-            result = self._caption_batch([images], options, 0)[0]
-            if result.error:
-                raise ImageError(result.error)
-            return result
-        results = []
-        for start in range(0, len(images), batch_size):
-            results += self._caption_batch(images[start : start + batch_size], options, start)
-        return results
-
     def caption_features(self, features: torch.Tensor, options: DecodingOptions = DecodingOptions(),
                          names: Sequence[str] | None = None) -> list[Caption]:
         """Caption precomputed annotation grids (B, P, D) (e.g. from a feature store), on any device and in any
@@ -187,25 +168,6 @@ class Captioner:
         pixels = pixels.to(self.device, non_blocking=True)
         with autocast(self.device, self.encoder_precision):
             return self.encoder(pixels)
-
-    def _caption_batch(self, images: Sequence[ImageInput], options: DecodingOptions, offset: int) -> list[Caption]:
-        names, pils, errors = [], [], {}
-        for i, item in enumerate(images):
-            name = str(item) if isinstance(item, (str, os.PathLike)) else f"<image {offset + i}>"
-            names.append(name)
-            try:
-                pils.append(self._to_pil(item))
-            except ImageError as e:
-                errors[i] = str(e)
-        good = [i for i in range(len(images)) if i not in errors]
-        results: list[Caption | None] = [None] * len(images)
-        if good:
-            features = self.encode(pils)
-            for i, r in zip(good, self.caption_features(features, options, [names[i] for i in good])):
-                results[i] = r
-        for i, msg in errors.items():
-            results[i] = Caption(image=names[i], error=msg)
-        return results
 
     def _to_pil(self, item: ImageInput) -> Image.Image:
         if isinstance(item, Image.Image):

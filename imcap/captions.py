@@ -5,11 +5,15 @@ and the ONNX runtime (onnx_runtime.py, which must not import torch) share them.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
+from PIL import Image
 
+from .images import ImageError, load_image, to_rgb
 from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
 from .text import END
 
@@ -75,3 +79,54 @@ class Caption:
         if self.alternatives:
             d["n_best"] = [a.to_dict(attention) for a in self.alternatives]
         return d
+
+
+ImageInput = Union[str, os.PathLike, Image.Image]
+
+
+class ImageCaptioning:
+    """caption(images) for a captioner that has encode(PIL images) -> grids and caption_features(grids, options,
+    names) -> Captions (api.Captioner with torch, onnx_runtime.OnnxCaptioner without): images are read in
+    batches, and one that cannot be read gets a Caption with `error` while the others are captioned."""
+
+    def caption(self, images: ImageInput | Sequence[ImageInput], *, beam_size: int = 3, max_length: int = 30,
+                length_penalty: float = 0.0, n_best: int = 1, batch_size: int = 16, allow_unk: bool = False,
+                options: DecodingOptions | None = None):
+        """Caption one image (returns a Caption; raises ImageError if unreadable) or a list of them
+        (returns a list of Captions, with `error` set for the ones that could not be read).
+        allow_unk: let the search choose <unk> (for research; captions shown to people never have it).
+        options: all the search settings as one DecodingOptions (what the CLI and the server pass); when given,
+        the keyword settings are not used."""
+        options = options or DecodingOptions(beam_size, max_length, length_penalty, n_best, allow_unk)
+        if not isinstance(images, (list, tuple)):
+            result = self._caption_batch([images], options, 0)[0]
+            if result.error:
+                raise ImageError(result.error)
+            return result
+        results = []
+        for start in range(0, len(images), batch_size):
+            results += self._caption_batch(images[start : start + batch_size], options, start)
+        return results
+
+    def _caption_batch(self, images: Sequence[ImageInput], options: DecodingOptions, offset: int) -> list[Caption]:
+        names, pils, errors = [], [], {}
+        for i, item in enumerate(images):
+            name = str(item) if isinstance(item, (str, os.PathLike)) else f"<image {offset + i}>"
+            names.append(name)
+            try:
+                pils.append(self._to_pil(item))
+            except ImageError as e:
+                errors[i] = str(e)
+        good = [i for i in range(len(images)) if i not in errors]
+        results: list[Caption | None] = [None] * len(images)
+        if good:
+            features = self.encode(pils)
+            for i, r in zip(good, self.caption_features(features, options, [names[i] for i in good])):
+                results[i] = r
+        for i, msg in errors.items():
+            results[i] = Caption(image=names[i], error=msg)
+        return results
+
+    def _to_pil(self, item) -> Image.Image:
+        """An input image as an RGB PIL image; ImageError when it cannot be read."""
+        return to_rgb(item) if isinstance(item, Image.Image) else load_image(item)

@@ -28,8 +28,8 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .images import ImageError, load_image, to_rgb
-from .captions import Caption, DecodingOptions, Hypothesis, is_int
+from .images import to_rgb
+from .captions import Caption, DecodingOptions, Hypothesis, ImageCaptioning, is_int
 from .text import END, START, UNK, Vocabulary, get_tokenizer
 
 MANIFEST = "imcap-onnx.json"  # the export's JSON, beside its graphs
@@ -293,7 +293,7 @@ class Preprocessing:
         return x.transpose(2, 0, 1)  # (3, S, S)
 
 
-class OnnxCaptioner:
+class OnnxCaptioner(ImageCaptioning):
     """An ONNX export (encoder, decoder init and step graphs, vocabulary, preprocessing) on onnxruntime."""
 
     def __init__(self, manifest: dict, encoder, decoder: OnnxDecoder):
@@ -337,22 +337,6 @@ class OnnxCaptioner:
         decoder = OnnxDecoder(session("init"), session("step"), manifest["memory"], manifest["state"])
         return cls(manifest, session("encoder"), decoder)
 
-    def caption(self, images: ImageInput | Sequence[ImageInput], *, beam_size: int = 3, max_length: int = 30,
-                length_penalty: float = 0.0, n_best: int = 1, batch_size: int = 16, allow_unk: bool = False,
-                options: DecodingOptions | None = None):
-        """Caption one image (returns a Caption; raises ImageError if unreadable) or a list of them (returns a
-        list of Captions, with `error` set for the ones that could not be read), as api.Captioner.caption."""
-        options = options or DecodingOptions(beam_size, max_length, length_penalty, n_best, allow_unk)
-        if not isinstance(images, (list, tuple)):
-            result = self._caption_batch([images], options, 0)[0]
-            if result.error:
-                raise ImageError(result.error)
-            return result
-        results = []
-        for start in range(0, len(images), batch_size):
-            results += self._caption_batch(images[start : start + batch_size], options, start)
-        return results
-
     def caption_features(self, features: np.ndarray, options: DecodingOptions = DecodingOptions(),
                          names: Sequence[str] | None = None) -> list[Caption]:
         """Caption annotation grids (B, P, D) (from encode, or a feature store), searched as float32."""
@@ -364,24 +348,6 @@ class OnnxCaptioner:
         """PIL images -> annotations (B, P, D) float32, with the export's preprocessing and encoder graph."""
         pixels = np.stack([self.preprocessing(to_rgb(im)) for im in images])  # (B, 3, S, S)
         return self._encoder.run(["features"], {"images": pixels})[0]
-
-    def _caption_batch(self, images: Sequence[ImageInput], options: DecodingOptions, offset: int) -> list[Caption]:
-        names, pils, errors = [], [], {}
-        for i, item in enumerate(images):
-            name = str(item) if isinstance(item, (str, os.PathLike)) else f"<image {offset + i}>"
-            names.append(name)
-            try:
-                pils.append(to_rgb(item) if isinstance(item, Image.Image) else load_image(item))
-            except ImageError as e:
-                errors[i] = str(e)
-        good = [i for i in range(len(images)) if i not in errors]
-        results: list[Caption | None] = [None] * len(images)
-        if good:
-            for i, r in zip(good, self.caption_features(self.encode(pils), options, [names[i] for i in good])):
-                results[i] = r
-        for i, msg in errors.items():
-            results[i] = Caption(image=names[i], error=msg)
-        return results
 
     def _result(self, name: str, hyps: list[Hypothesis]) -> Caption:
         out = []
