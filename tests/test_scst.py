@@ -197,6 +197,7 @@ def test_preset_runs_cross_entropy_then_scst_and_resumes(tiny_data, tmp_path, ca
     final = json.loads((run / "best/checkpoint.json").read_text())
     assert xe["train_config"]["warmup_steps"] == 200 and xe["model_config"]["hidden_dim"] == 24  # preset + flags
     assert final["train_config"]["objective"] == "scst" and final["train_config"]["init_from"] == str(run / "xe")
+    assert final["train_config"]["scst_temperature"] == 0.5 and final["train_config"]["batch_size"] == 10
     assert final["model_config"] == xe["model_config"]
     before = (run / "checkpoint/model.safetensors").read_bytes()
     assert main(argv) == 0  # both stages finished: a re-run changes nothing

@@ -1,21 +1,15 @@
-"""The benchmark's baseline computes the same function as the fast path, and its FLOP count is the right one."""
-
-import sys
-from pathlib import Path
+"""The benchmark's baseline computes the same function as the fast path, and its FLOP count is the right one.
+Beside the benchmark it checks (pytest runs benchmarks/ too: pyproject.toml's testpaths)."""
 
 import pytest
 import torch
+from baseline import TutorialDecoder, cell_parameters, tutorial_beam_search
+from run import decode_tokens, train_flops, training_step
 from torch.utils.flop_counter import FlopCounterMode
 
-repo = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(repo / "benchmarks"))
-
-from baseline import TutorialDecoder, cell_parameters, tutorial_beam_search  # noqa: E402
-from run import decode_tokens, train_flops, training_step  # noqa: E402
-
-from imcap.decoding import DecodingOptions, decode  # noqa: E402
-from imcap.model import ModelConfig, ShowAttendTell  # noqa: E402
-from imcap.text import END  # noqa: E402
+from imcap.decoding import DecodingOptions, decode
+from imcap.model import ModelConfig, ShowAttendTell
+from imcap.text import END
 
 P, D, V = 6, 10, 23
 
