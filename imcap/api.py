@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .captions import Caption, DecodingOptions, Hypothesis, ImageCaptioning
 from .decoding import decode
 from .devices import autocast, resolve_device, resolve_precision
-from .ensemble import Ensemble
+from .ensemble import Ensemble, check_members, read_members
 from .encoders import AUTO_PRECISION, EncoderSpec, ImageEncoder, build_encoder
 from .images import ImageError, load_image, to_rgb
 from .model import ModelConfig, ShowAttendTell
@@ -74,7 +74,7 @@ class Captioner(ImageCaptioning):
         encoder: the base CNN to use instead of building it from the spec (a fine-tuned checkpoint's encoder
         weights are loaded into it; it is moved to the device). device, precision, encoder_precision: see
         Captioner; the weights are read on the CPU, then moved."""
-        members = ckpt.ensemble_members(run_dir)
+        members = read_members(run_dir)
         if members is not None:  # an ensemble preset's RUN_DIR
             if encoder is not None:
                 raise ValueError(f"{run_dir}: an ensemble loads its own encoder")
@@ -114,21 +114,8 @@ class Captioner(ImageCaptioning):
         for p in (precision, encoder_precision):
             resolve_precision(p, device)
         parts = [cls.load(r, which, device="cpu", precision="fp32") for r in run_dirs]
-        for r, p in zip(run_dirs, parts):
-            if isinstance(p.model, Ensemble):
-                raise ckpt.CheckpointError(f"{r}: is an ensemble already; list its member runs instead")
+        check_members(parts)
         first = parts[0]
-        for p in parts[1:]:
-            where = f"{p.meta['path']} and {first.meta['path']}"
-            if p.vocab != first.vocab:
-                raise ckpt.CheckpointError(f"{where}: cannot ensemble runs with different vocabularies")
-            if p.encoder_spec != first.encoder_spec:
-                raise ckpt.CheckpointError(f"{where}: cannot ensemble runs on different features "
-                                           f"({p.encoder_spec.name}-{p.encoder_spec.image_size} vs "
-                                           f"{first.encoder_spec.name}-{first.encoder_spec.image_size})")
-        if any(p.encoder_weights is not None for p in parts):
-            raise ckpt.CheckpointError(f"{', '.join(p.meta['path'] for p in parts)}: cannot ensemble runs with "
-                                       "fine-tuned encoders")
         meta = {**first.meta, "path": " + ".join(p.meta["path"] for p in parts),
                 "ensemble": [p.meta["path"] for p in parts]}
         return cls(Ensemble([p.model for p in parts]), first.vocab, first.encoder_spec, meta, device=device,

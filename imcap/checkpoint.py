@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -217,25 +217,6 @@ def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimize
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{file}: optimizer state does not fit this model ({str(e).splitlines()[0]})") from None
-
-
-def ensemble_members(run_dir: str | os.PathLike) -> list[Path] | None:
-    """The member run directories listed by RUN_DIR/ensemble.json, or None when RUN_DIR is not an ensemble."""
-    file = Path(run_dir) / ENSEMBLE_FILE
-    if not file.is_file():
-        return None
-    try:
-        members = json.loads(file.read_text())["members"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-        raise CheckpointError(f"{file}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) and m for m in members):
-        raise CheckpointError(f"{file}: 'members' must list at least 2 run directories")
-    for m in members:  # subfolders, as a preset writes them (--ensemble takes runs anywhere), never ensembles
-        if PurePath(m).is_absolute() or not PurePath(m).parts or ".." in PurePath(m).parts:
-            raise CheckpointError(f"{file}: 'members' must be subfolders of {run_dir}, got {shown(m)}")
-        if (Path(run_dir) / m / ENSEMBLE_FILE).is_file():
-            raise CheckpointError(f"{file}: member {m!r} is an ensemble itself; list its member runs instead")
-    return [Path(run_dir) / m for m in members]
 
 
 def find_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:

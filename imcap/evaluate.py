@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
 from .api import Captioner
 from .fileio import write_json_atomic
 from .datasets import load_dataset, split_rows
 from .decoding import DecodingOptions
+from .ensemble import member_names, read_members
 from .devices import autocast
 from .features import FeatureStore
 from .metrics import score_captions, score_chinese, write_coco_results
@@ -75,11 +75,8 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"{split}-beam{options.beam_size}" + (f"-lp{options.length_penalty:g}" if options.length_penalty else "")
             + ("-unk" if options.allow_unk else ""))
-    if "ensemble" in captioner.meta and ckpt.ensemble_members(run_dir) is None:  # --ensemble: name the others
-        here = Path(run_dir).resolve()
-        names = [Path(p).parent.name if Path(p).parent.resolve() != here else Path(p).name  # run, or own checkpoint
-                 for p in captioner.meta["ensemble"][1:]]
-        stem += "-ensemble-" + "-".join(names)
+    if "ensemble" in captioner.meta and read_members(run_dir) is None:  # --ensemble: name the others
+        stem += "-ensemble-" + "-".join(member_names(captioner.meta["ensemble"][1:], here=run_dir))
     write_coco_results(out / f"{stem}.results.json", hyps)
     report = {"scores": scores, "split": split, "images": len(rows), "data_dir": str(data_dir),
               "checkpoint": captioner.meta.get("path"), "decoding": asdict(options),

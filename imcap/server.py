@@ -55,6 +55,7 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .api import Captioner
 from .captions import Caption, DecodingOptions
+from .ensemble import member_names
 from .checkpoint import CheckpointError
 from .devices import describe
 from .images import ImageError, open_image
@@ -456,16 +457,11 @@ def self_check(captioner: Captioner) -> None:
 # ---------------------------------------------------------------------------------------------- metadata
 
 
-def _run_name(checkpoint: Path) -> str:
-    """runs/f8k/best -> f8k (a checkpoint directory inside its run), else the directory's own name."""
-    return checkpoint.parent.name if checkpoint.name in ("best", "checkpoint", "best.old", "checkpoint.old") else checkpoint.name
-
-
 def model_info(captioner: Captioner, limits: Limits) -> ModelInfo:
     meta, spec = captioner.meta, captioner.encoder_spec
     data = meta.get("data") or {}
     progress = meta.get("progress") or {}
-    name = " + ".join(_run_name(Path(p)) for p in meta.get("ensemble", [meta.get("path", "model")]))
+    name = " + ".join(member_names(meta.get("ensemble", [meta.get("path", "model")])))
     return ModelInfo(
         name=name or "model",
         vocab_size=len(captioner.vocab),

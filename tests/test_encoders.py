@@ -132,3 +132,12 @@ def test_forward_equals_the_librarys_extract_features():
     with torch.no_grad():
         expected = enc.net.extract_features(x.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)
         torch.testing.assert_close(enc(x), expected, rtol=0, atol=0)
+
+
+def test_the_cli_offers_every_registered_encoder(capsys):
+    from imcap.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["features", "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in ENCODERS)
