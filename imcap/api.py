@@ -21,12 +21,16 @@ from PIL import Image
 
 from . import checkpoint as ckpt
 from .captions import Caption, DecodingOptions, Hypothesis, ImageCaptioning
+from .checks import shown
 from .decoding import decode
 from .devices import autocast, resolve_device, resolve_precision
 from .ensemble import Ensemble, check_members, read_members
 from .encoders import AUTO_PRECISION, EncoderSpec, ImageEncoder, build_encoder
 from .images import ImageError, load_image, to_rgb
-from .model import ModelConfig, ShowAttendTell
+from .model import DECODER, ModelConfig, ShowAttendTell
+
+# the decoders a checkpoint can name (checkpoint.json "decoder"): each has the step contract of decoding.Decoder
+DECODERS: dict[str, type] = {DECODER: ShowAttendTell}
 from .text import Vocabulary, get_tokenizer
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
@@ -86,8 +90,12 @@ class Captioner(ImageCaptioning):
         path = ckpt.find_checkpoint(run_dir, which)
         meta, weights = ckpt.load_checkpoint(path)
         encoder_weights = ckpt.load_encoder_weights(path, meta)
+        name = meta.get("decoder", DECODER)
+        if name not in DECODERS:
+            raise ckpt.CheckpointError(f"{path}/checkpoint.json: decoder {shown(name)} is not one this imcap has "
+                                       f"({', '.join(DECODERS)})")
         try:
-            model = ShowAttendTell(ModelConfig.from_dict(meta["model_config"]))
+            model = DECODERS[name](ModelConfig.from_dict(meta["model_config"]))
             model.load_state_dict(weights)
             vocab = Vocabulary.from_dict(meta["vocab"])
             spec = EncoderSpec.from_dict(meta["encoder"])

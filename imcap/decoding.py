@@ -1,7 +1,9 @@
-"""Greedy and beam search over any decoder with the step contract of model.py.
+"""Greedy search, beam search and sampling over any decoder with the step contract of model.py (Decoder):
 
     memory = model.attend_memory(features); state = model.init_state(memory)
     log_probs, state, alpha = model.step(tokens, state, memory)
+
+The searches run under inference mode; sample_captions (SCST's, scst.py) keeps the graph.
 
 Beam search runs all images x beams as one batch of rows (B * K) and reorders rows with index_select;
 there is no Python loop over images. The memory stays one row per image: the beams of an image share it.
@@ -16,8 +18,26 @@ from __future__ import annotations
 
 import torch
 
+from typing import Any, Protocol
+
 from .captions import DecodingOptions, Hypothesis
-from .text import END, START, UNK
+from .text import END, PAD, START, UNK
+
+
+class Decoder(Protocol):
+    """What the searches need of a decoder (model.ShowAttendTell, ensemble.Ensemble): per-image work once, then
+    one step for a batch of rows. memory: row-indexed tensors, one row per image (the beams and samples of an
+    image share its row: rows i * W .. i * W + W - 1 of the state read memory row i); state: row-indexed
+    tensors, one row per hypothesis."""
+
+    config: Any  # .vocab_size
+
+    def attend_memory(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]: ...  # (B, P, D) -> memory
+
+    def init_state(self, memory: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]: ...  # (B, ...) each
+
+    def step(self, tokens: torch.Tensor, state: tuple[torch.Tensor, ...], memory: tuple[torch.Tensor, ...]
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]: ...  # (R, V) log p, state, (R, P) alpha
 
 
 def length_normalize(log_prob: torch.Tensor, length: torch.Tensor | int, penalty: float) -> torch.Tensor:
@@ -29,7 +49,7 @@ def length_normalize(log_prob: torch.Tensor, length: torch.Tensor | int, penalty
 
 
 @torch.inference_mode()
-def decode(model, features: torch.Tensor, options: DecodingOptions = DecodingOptions()) -> list[list[Hypothesis]]:
+def decode(model: Decoder, features: torch.Tensor, options: DecodingOptions = DecodingOptions()) -> list[list[Hypothesis]]:
     """Caption a batch of feature grids (B, P, D); returns n_best hypotheses per image, best first."""
     if options.beam_size == 1:
         return [[h] for h in greedy_search(model, features, options.max_length, options.allow_unk)]
@@ -37,7 +57,7 @@ def decode(model, features: torch.Tensor, options: DecodingOptions = DecodingOpt
 
 
 @torch.inference_mode()
-def greedy_search(model, features: torch.Tensor, max_length: int = 30, allow_unk: bool = False) -> list[Hypothesis]:
+def greedy_search(model: Decoder, features: torch.Tensor, max_length: int = 30, allow_unk: bool = False) -> list[Hypothesis]:
     """Take the most probable word at each step (never <unk> unless allow_unk) until <end> or max_length words.
 
     Rows of images whose caption has ended are dropped from the batch (see COMPACT_SHARE), so that later
@@ -126,7 +146,7 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def beam_search(model, features: torch.Tensor, options: DecodingOptions = DecodingOptions()) -> list[list[Hypothesis]]:
+def beam_search(model: Decoder, features: torch.Tensor, options: DecodingOptions = DecodingOptions()) -> list[list[Hypothesis]]:
     """Batched beam search over B images x K beams; returns options.n_best hypotheses per image.
 
     At each step the 2K best extensions of each image are ranked; an <end> ranked within the first K
@@ -242,3 +262,37 @@ def beam_search(model, features: torch.Tensor, options: DecodingOptions = Decodi
             hyps.append(Hypothesis(seq[b][j][:n], lps[j], scores[j], alphas[b, j, :n].clone()))
         results.append(hyps)
     return results
+
+
+def sample_captions(model: Decoder, features: torch.Tensor, samples: int, max_length: int,
+                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `samples` captions per image from the model at `temperature`, keeping the graph.
+
+    features: (I, P, D). Returns tokens (I * samples, T) and their log probabilities (I * samples, T), rows
+    grouped by image; positions after a caption's <end> hold PAD and log probability 0. A caption that
+    reaches max_length words without <end> stops there. <pad> and <start> are never drawn: the policy is the
+    model's distribution renormalised over the other tokens, sharpened by the temperature (p^(1/T), renormalised;
+    1: the model's own); the log probabilities are the policy's, the sampled distribution. Runs on the
+    features' device; log probabilities are float32 under autocast too.
+    """
+    memory = model.attend_memory(features)  # rows (I): an image's samples share its memory (model.step)
+    state = tuple(s.repeat_interleave(samples, dim=0) for s in model.init_state(memory))  # rows (R = I * samples)
+    R = state[0].size(0)
+    device = features.device
+    tokens = torch.full((R,), START, dtype=torch.long, device=device)  # (R,)
+    alive = torch.ones(R, dtype=torch.bool, device=device)  # (R,)
+    banned = torch.tensor([PAD, START], device=device)  # never words: sampling them would make captions with holes
+    out_tokens, out_lp = [], []
+    for _ in range(max_length + 1):  # max_length words, then one last chance for <end>
+        lp, state, _alpha = model.step(tokens, state, memory)  # (R, V)
+        lp = lp.float().index_fill(1, banned, float("-inf"))  # fp32 under autocast too (the REINFORCE term's)
+        lp = lp / temperature if temperature != 1.0 else lp
+        lp = lp - lp.logsumexp(1, keepdim=True)  # the policy: the model's distribution over real words
+        tokens = torch.multinomial(lp.detach().exp(), 1).squeeze(1)  # (R,)
+        tokens = torch.where(alive, tokens, PAD)
+        out_tokens.append(tokens)
+        out_lp.append(torch.where(alive, lp.gather(1, tokens.unsqueeze(1)).squeeze(1), 0.0))
+        alive = alive & (tokens != END)
+        if not bool(alive.any()):
+            break
+    return torch.stack(out_tokens, 1), torch.stack(out_lp, 1)

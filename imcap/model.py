@@ -122,6 +122,9 @@ class SoftAttention(nn.Module):
         return context.view(M * W, -1), alpha.view(M * W, P)
 
 
+DECODER = "show-attend-tell"  # the name checkpoints give this decoder (checkpoint.json "decoder")
+
+
 class ShowAttendTell(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

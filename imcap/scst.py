@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .decoding import greedy_search
+from .decoding import greedy_search, sample_captions
 from .text import END, PAD, START, UNK
 
 NO_MATCH = -1  # stands for a reference's <unk> in rewards
@@ -113,40 +113,6 @@ def reward_references(captions: Sequence[Sequence[Sequence[int]]]) -> CiderD:
     n-grams, but a sampled <unk> earns nothing (the evaluation compares real words, where <unk> never matches).
     """
     return CiderD([[[*(NO_MATCH if t == UNK else t for t in c), END] for c in refs] for refs in captions])
-
-
-def sample_captions(model, features: torch.Tensor, samples: int, max_length: int,
-                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw `samples` captions per image from the model at `temperature`, keeping the graph.
-
-    features: (I, P, D). Returns tokens (I * samples, T) and their log probabilities (I * samples, T), rows
-    grouped by image; positions after a caption's <end> hold PAD and log probability 0. A caption that
-    reaches max_length words without <end> stops there. <pad> and <start> are never drawn: the policy is the
-    model's distribution renormalised over the other tokens, sharpened by the temperature (p^(1/T), renormalised;
-    1: the model's own); the log probabilities are the policy's, the sampled distribution. Runs on the
-    features' device; log probabilities are float32 under autocast too.
-    """
-    memory = model.attend_memory(features)  # rows (I): an image's samples share its memory (model.step)
-    state = tuple(s.repeat_interleave(samples, dim=0) for s in model.init_state(memory))  # rows (R = I * samples)
-    R = state[0].size(0)
-    device = features.device
-    tokens = torch.full((R,), START, dtype=torch.long, device=device)  # (R,)
-    alive = torch.ones(R, dtype=torch.bool, device=device)  # (R,)
-    banned = torch.tensor([PAD, START], device=device)  # never words: sampling them would make captions with holes
-    out_tokens, out_lp = [], []
-    for _ in range(max_length + 1):  # max_length words, then one last chance for <end>
-        lp, state, _alpha = model.step(tokens, state, memory)  # (R, V)
-        lp = lp.float().index_fill(1, banned, float("-inf"))  # fp32 under autocast too (the REINFORCE term's)
-        lp = lp / temperature if temperature != 1.0 else lp
-        lp = lp - lp.logsumexp(1, keepdim=True)  # the policy: the model's distribution over real words
-        tokens = torch.multinomial(lp.detach().exp(), 1).squeeze(1)  # (R,)
-        tokens = torch.where(alive, tokens, PAD)
-        out_tokens.append(tokens)
-        out_lp.append(torch.where(alive, lp.gather(1, tokens.unsqueeze(1)).squeeze(1), 0.0))
-        alive = alive & (tokens != END)
-        if not bool(alive.any()):
-            break
-    return torch.stack(out_tokens, 1), torch.stack(out_lp, 1)
 
 
 def scst_loss(

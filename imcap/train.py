@@ -55,7 +55,7 @@ from .features import FeatureStore, _prefetch
 from .fileio import remove_stale_temporaries, write_jsonl_atomic
 from .interrupts import CtrlC, TrainingInterrupted
 from .metrics import validation_scores
-from .model import ModelConfig, ShowAttendTell
+from .model import DECODER, ModelConfig, ShowAttendTell
 from .objectives import OBJECTIVES, Objective
 from .train_config import Progress, TrainConfig, check_finetune, check_resumable
 from .tblog import open_tensorboard as _tensorboard
@@ -224,6 +224,7 @@ class Trainer:
     def checkpoint_meta(self, metrics: dict | None = None) -> dict:
         p = self.progress
         return {
+            "decoder": DECODER,  # the class that reads model_config (api.DECODERS)
             "model_config": self.model_config.to_dict(),
             "vocab": self.vocab.to_dict(),
             "encoder": self.store.spec.to_dict(),

@@ -201,3 +201,17 @@ def test_train_init_from_refuses_a_crafted_checkpoint(trained, tiny_data, tmp_pa
     assert status == 1 and len(err) == 1, err
     assert err[0].startswith(f"imcap train: error: {file}: {CONFIGS[case][1]}"), err[0]
     assert not (tmp_path / "new" / "checkpoint").exists()
+
+
+def test_a_checkpoint_naming_a_decoder_imcap_lacks_is_refused_in_one_line(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run")
+    meta_file = run / "best" / "checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    meta["decoder"] = "transformer"  # (a checkpoint without the key is the paper's decoder: show-attend-tell)
+    meta_file.write_text(json.dumps(meta))
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(image)
+    status, out, err = run_main_capsys(["caption", str(run), str(image), "--threads", "1"], capsys)
+    assert status == 1 and len(err) == 1, err
+    assert err[0] == (f"imcap caption: error: {run / 'best'}/checkpoint.json: decoder 'transformer' is not one "
+                      "this imcap has (show-attend-tell)"), err[0]

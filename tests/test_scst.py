@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from imcap.api import Captioner
 from imcap.cli import main
+from imcap.decoding import sample_captions
 from imcap.ensemble import Ensemble
 from imcap.model import ModelConfig, ShowAttendTell
-from imcap.scst import CiderD, reward_references, sample_captions, scst_loss, words_of
+from imcap.scst import CiderD, reward_references, scst_loss, words_of
 from imcap.text import END, PAD, START, UNK
 from imcap.train import TrainConfig, train
 
@@ -198,6 +199,7 @@ def test_preset_runs_cross_entropy_then_scst_and_resumes(tiny_data, tmp_path, ca
     assert xe["train_config"]["warmup_steps"] == 200 and xe["model_config"]["hidden_dim"] == 24  # preset + flags
     assert final["train_config"]["objective"] == "scst" and final["train_config"]["init_from"] == str(run / "xe")
     assert final["train_config"]["scst_temperature"] == 0.5 and final["train_config"]["batch_size"] == 10
+    assert final["decoder"] == xe["decoder"] == "show-attend-tell"  # the class that reads model_config
     assert final["model_config"] == xe["model_config"]
     before = (run / "checkpoint/model.safetensors").read_bytes()
     assert main(argv) == 0  # both stages finished: a re-run changes nothing
