@@ -2,6 +2,9 @@
 
 Exit status: 0 success; 1 the job ran but something failed (e.g. some images could not be captioned,
 a data file is malformed); 2 usage error; 130 interrupted (Ctrl-C; `imcap train` first writes a checkpoint).
+
+Over 400 lines: one argument parser for every verb, and each verb's function is a few lines over the Python
+API; the choices come from the registries (presets, formats, languages, encoders).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ digest can be given with `sha256_overrides` (`imcap download --sha256 FILE=HEX`)
 
 Only the standard library talks to the network. `IMCAP_DOWNLOAD_BASE` (or `base_url=`) replaces the
 folder part of every URL, e.g. to use a mirror or, in tests, a local server.
+
+Over 400 lines: the transfer (resume, verification) and the safe unpacking (paths, sizes, links) belong to one
+operation a user runs and re-runs; each dataset is a few lines of data at the top.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ through the memory map), so a full disk is one line naming the store, never a SI
 The CNN runs on the device (`device`, default auto: CUDA when torch sees it), in fp32 unless bf16/fp16 is
 asked for (encoders.AUTO_PRECISION); images are decoded and resized on the CPU in background threads, and on
 CUDA their pixels are pinned there and copied without blocking. The store is float16 on every device.
+
+Over 400 lines: writing the store (reserving, resumable rows, distributed shards), reading it and copying
+rows from another DATA_DIR's store share one on-disk layout, kept in one place.
 """
 
 from __future__ import annotations

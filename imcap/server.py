@@ -26,6 +26,9 @@ decompression bomb, or any failure while captioning it or drawing its overlays),
 With several images the good ones are captioned: the response is 200 and a bad image gets an entry with
 `error` and its `status`; only when every image is bad is the whole request refused (415 when none is a
 recognised image format, else 422). The server never opens a path named by a request.
+
+Over 400 lines: the HTTP schema, the request limits and queue, and the page's routes are one service; the
+captioning itself is the Python API's.
 """
 
 from __future__ import annotations

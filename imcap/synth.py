@@ -28,6 +28,9 @@ lower case, space-separated, without punctuation: tokens are `raw.split()`.
 
 Generation is seeded per image (numpy Generator seeded by [seed, index]), so scene i is the same whatever
 the number of images, and the same seed gives byte-identical images and JSON.
+
+Over 400 lines: the scene renderer, the caption grammar and the object boxes are one generator whose pieces
+only make sense together (the captions describe what is drawn, the boxes score attention).
 """
 
 from __future__ import annotations
