@@ -1,0 +1,27 @@
+"""benchmarks/scale.py, the scale rehearsal, in its quick mode (1/50 of COCO's and AI Challenger's size)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.realdata
+def test_the_quick_rehearsal_prepares_both_shapes_and_reports_time_and_memory(shared_data, tmp_path):
+    out = tmp_path / "scale.json"
+    env = {**os.environ, "IMCAP_SHARED_DATA": str(shared_data), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/scale.py"), "--quick", "--out", str(out),
+                           "--work", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "coco" in done.stdout and "aic" in done.stdout  # the table
+    stages = json.loads(out.read_text())["stages"]
+    coco, aic = stages["coco"], stages["aic"]
+    assert (coco["images"], coco["captions"], coco["splits"]) == (2466, 12330, {"train": 2266, "val": 100, "test": 100})
+    assert (aic["images"], aic["captions"]) == (4800, 24000) and sum(aic["splits"].values()) == 4800
+    assert all(s["exit_status"] == 0 and s["prepare_seconds"] > 0 and s["prepare_peak_mib"] > 0 for s in stages.values())
+    assert list(tmp_path.iterdir()) == [out]  # the generated files are gone
