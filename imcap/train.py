@@ -108,7 +108,8 @@ class Trainer:
     """Owns the model, optimizer, data and run directory of one training run.
 
     device, precision: as devices.resolve_device / resolve_precision take them ("auto": CUDA when torch sees
-    it, bf16 there). prefetch: read batches in a feeding thread (None: on a CUDA device only; on the CPU the
+    it, bf16 there). prefetch: read batches in a feeding thread (None: on a CUDA device, and on the CPU for a
+    store larger than a quarter of the memory, whose reads can miss the page cache; otherwise on the CPU the
     thread competes with the training thread for the cores and the store reads cost ~1% of a step)."""
 
     def __init__(self, data_dir: str | os.PathLike, out_dir: str | os.PathLike, model_config: dict | None = None,
@@ -117,7 +118,6 @@ class Trainer:
                  prefetch: bool | None = None):
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.dist = Distributed.from_env(self.device)
         self.data_dir, self.out_dir = Path(data_dir).resolve(), Path(out_dir)
         self.log = log if self.dist.main else (lambda *a, **k: None)
@@ -131,6 +131,7 @@ class Trainer:
             features = saved[0]["data"]["features"]
         store_encoder, size = _split_store_name(features)
         self.store = FeatureStore.open(self.data_dir, encoder=store_encoder, image_size=size)
+        self.prefetch = _feeding_thread(self.device, self.store) if prefetch is None else prefetch
         if saved:
             meta = saved[0]
             self.cfg = TrainConfig.from_dict(meta["train_config"])
@@ -526,6 +527,17 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _feeding_thread(device: torch.device, store: FeatureStore) -> bool:
+    """Whether batches are read in a feeding thread when the caller does not say (Trainer's prefetch)."""
+    if device.type == "cuda":
+        return True
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return store.features.nbytes > memory / 4
 
 
 def _split_store_name(name: str | None) -> tuple[str | None, int | None]:

@@ -14,18 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
-from imcap import checkpoint as ckpt
-from imcap.encoders import encoder_spec
-from imcap.model import ModelConfig, ShowAttendTell
 from imcap.synth import draw_scene
-from imcap.text import END, PAD, START, Vocabulary
+from test_server import tiny_run  # a tiny random decoder that never says <end>
 
 CHROMIUM = Path(os.environ.get("IMCAP_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-WORDS = ["a", "red", "circle", "blue", "square", "on", "the", "left", "right"]
 
 # Sum of the heat canvas's alpha channel: 0 while no map is drawn.
 CANVAS_INK = """() => {
@@ -60,20 +55,6 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
-
-
-def tiny_run(path: Path, image_size: int = 64) -> Path:
-    """A tiny random decoder over a random-weight encoder that never says <end> (see test_server.py)."""
-    torch.manual_seed(0)
-    vocab = Vocabulary.build([WORDS], min_count=1)
-    spec = encoder_spec("efficientnet-lite0", image_size)
-    model = ShowAttendTell(ModelConfig(vocab_size=len(vocab), feature_dim=spec.feature_dim, embed_dim=8,
-                                       hidden_dim=16, attention_dim=8)).eval()
-    with torch.no_grad():
-        model.out.bias[[PAD, START, END]] = -30.0
-    meta = {"model_config": model.config.to_dict(), "vocab": vocab.to_dict(), "encoder": spec.to_dict(), "language": "en"}
-    ckpt.save_checkpoint(path / "best", model, meta)
-    return path
 
 
 def free_port() -> int:

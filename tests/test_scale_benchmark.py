@@ -1,4 +1,5 @@
-"""benchmarks/scale.py, the scale rehearsal, in its quick mode (1/50 of COCO's and AI Challenger's size)."""
+"""benchmarks/scale.py, the scale rehearsal, in its quick mode (1/50 of COCO's and AI Challenger's size):
+prepare both, a feature store of each size, a few training steps from each, the test split evaluated."""
 
 import json
 import os
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.realdata
-def test_the_quick_rehearsal_prepares_both_shapes_and_reports_time_and_memory(shared_data, tmp_path):
+def test_the_quick_rehearsal_runs_every_stage_and_reports_time_and_memory(shared_data, tmp_path):
     out = tmp_path / "scale.json"
     env = {**os.environ, "IMCAP_SHARED_DATA": str(shared_data), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/scale.py"), "--quick", "--out", str(out),
@@ -23,5 +24,10 @@ def test_the_quick_rehearsal_prepares_both_shapes_and_reports_time_and_memory(sh
     coco, aic = stages["coco"], stages["aic"]
     assert (coco["images"], coco["captions"], coco["splits"]) == (2466, 12330, {"train": 2266, "val": 100, "test": 100})
     assert (aic["images"], aic["captions"]) == (4800, 24000) and sum(aic["splits"].values()) == 4800
-    assert all(s["exit_status"] == 0 and s["prepare_seconds"] > 0 and s["prepare_peak_mib"] > 0 for s in stages.values())
+    assert all(s["exit_status"] == 0 for s in stages.values())
+    assert all(stages[k]["prepare_seconds"] > 0 and stages[k]["prepare_peak_mib"] > 0 for k in ("coco", "aic"))
+    assert stages["store"]["bytes_on_disk"] >= 2466 * 49 * 1280 * 2 > stages["store_small"]["bytes_on_disk"]
+    assert stages["train"]["train_captions"] == 2266 * 5 and stages["train"]["captions_per_s"] > 0
+    assert stages["train_small"]["captions_per_s"] > 0 and stages["train"]["peak_mib"] > 0
+    assert stages["evaluate"]["images"] == 100 and set(stages["evaluate"]["scores"]) >= {"BLEU-4", "METEOR", "CIDEr"}
     assert list(tmp_path.iterdir()) == [out]  # the generated files are gone
