@@ -32,6 +32,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_model  # noqa: E402
 
 BEAMS = (1, 3)
 BATCH = 16  # images per batch: imcap caption's default
@@ -254,7 +257,7 @@ def main() -> int:
     report = {
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__},
         "loadavg_before": load_before,
@@ -278,14 +281,6 @@ def main() -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

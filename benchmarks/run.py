@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline import TutorialDecoder, tutorial_beam_search  # noqa: E402
+from machine import cpu_model, loadavg  # noqa: E402
 from imcap.decoding import DecodingOptions, Hypothesis, decode  # noqa: E402
 from imcap.model import ModelConfig, ShowAttendTell, caption_loss  # noqa: E402
 from imcap.text import END, START  # noqa: E402
@@ -474,16 +475,6 @@ def run_child(name: str, args, result_path: Path) -> dict:
     return result
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def source_version() -> dict:
     """The commit checked out (read from .git, no git command) and a digest of the sources measured, since the
     working tree may hold uncommitted changes."""
@@ -505,13 +496,6 @@ def source_version() -> dict:
         data = (REPO / "imcap" / name).read_bytes()
         out[f"sha1 imcap/{name}"] = hashlib.sha1(data).hexdigest()[:12]
     return out
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 def ratios(s: dict) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -34,6 +33,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_model, loadavg  # noqa: E402
+
 SHARED = Path(os.environ.get("IMCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
 COCO_SPLITS = (113_287, 5_000, 5_000)
 AIC_IMAGES = 240_000
@@ -164,13 +167,6 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def _make(stage: str, root: Path, scale: float) -> dict:
     """Run in a child process (--make), so that this process stays small: Linux counts the RSS a process had
     when it forked into its child's peak (ru_maxrss), which would inflate every figure measured after it."""
@@ -203,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"scale.py: needs {SHARED}/coco2017-mini and aic-mini (set IMCAP_SHARED_DATA)")
     scale = 1 / 50 if a.quick else 1.0
     stages = [s for s in a.stages.split(",") if s]
-    results = {"quick": a.quick, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "load_before": _loadavg(), "stages": {}}
+    results = {"quick": a.quick, "cpu": cpu_model(), "cpus": os.cpu_count(),
+               "load_before": loadavg(), "stages": {}}
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         for stage in [s for s in stages if s in ("coco", "aic")]:
             root = Path(tmp) / stage
@@ -245,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "--json"])
                 results["stages"]["evaluate"] = {"images": report["splits"]["test"], "seconds": round(seconds, 1),
                                                  "peak_mib": round(rss), "exit_status": code, "scores": json.loads(line)}
-    results["load_after"] = _loadavg()
+    results["load_after"] = loadavg()
     print(f"scale rehearsal{' (quick: 1/50)' if a.quick else ''}; load before {results['load_before']}, "
           f"after {results['load_after']}")
     print(f"{'stage':6s} {'images':>9s} {'captions':>10s} {'JSON MB':>8s} {'prepare s':>10s} {'peak MiB':>9s}  target")
