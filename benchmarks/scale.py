@@ -14,7 +14,9 @@ Then, on the COCO DATA_DIR:
 - store: a feature store of its size, 7x7x1280 float16 (15 GB), written directly with random features (the
   CNN is not what is measured), and the same for a Flickr8k-sized DATA_DIR (7,091 of its images);
 - train: the flickr8k preset's model (256/512/512), batch 128, a fixed number of steps from each store: the
-  setup time, captions/s and peak resident memory, big store against small;
+  setup time, captions/s and peak resident memory, big store against small, and one validation as an epoch end runs it (greedy, the first 5,000 val images: the --val-images default);
+- scst: the same model trained by SCST (10 images a step, 5 samples at temperature 0.5, mean baseline) from
+  the big store: its setup (CIDEr-D document frequencies of all 113,287 training images), steps and peak;
 - evaluate: `imcap evaluate --split test --beam 3` over the 5,000 test images with every metric.
 Each stage runs in its own process; the table gives its wall time and peak resident memory (os.wait4), and
 the JSON the figures with the machine's load before and after.
@@ -43,6 +45,7 @@ AIC_IMAGES = 240_000
 TARGETS = {"coco": (120, 2048), "aic": (240, 3072)}  # seconds, MiB (the issue's targets)
 FLICKR8K_IMAGES = 7_091
 TRAIN_STEPS = 60
+SCST_STEPS = 10  # of 10 images, 5 samples each
 
 _WRITE_STORE = """
 import json, sys, numpy as np
@@ -65,7 +68,8 @@ status[:] = DONE
 
 _TRAIN = """
 import json, sys, time, torch
-from imcap.train import Trainer, TrainConfig
+from imcap.captions import DecodingOptions
+from imcap.train import Trainer, TrainConfig, validate
 torch.set_num_threads(1)
 data, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t = time.perf_counter()
@@ -77,10 +81,34 @@ t = time.perf_counter()
 trainer.train(progress_bar=False, stop_after_steps=steps)
 seconds = time.perf_counter() - t
 p = trainer.progress
+t = time.perf_counter()  # one validation as an epoch end runs it: greedy, the first cfg.val_images images
+scores, hyps = validate(trainer.model, trainer.images, trainer.store, trainer.vocab,
+                        DecodingOptions(beam_size=trainer.cfg.val_beam, max_length=trainer.cfg.val_max_length),
+                        trainer.cfg.val_images)
 print(json.dumps({"setup_seconds": round(setup, 1), "steps": steps, "steps_seconds": round(seconds, 1),
                   "captions_per_s": round(steps * 128 / seconds, 1), "train_captions": len(trainer.objective),
                   "feeding_thread": trainer.prefetch,
-                  "data_wait_share": round(p.epoch_wait_seconds / max(p.epoch_seconds, 1e-9), 4)}))
+                  "data_wait_share": round(p.epoch_wait_seconds / max(p.epoch_seconds, 1e-9), 4),
+                  "val_images": len(hyps), "val_seconds": round(time.perf_counter() - t, 1)}))
+"""
+
+_SCST = """
+import json, sys, time, torch
+from imcap.train import Trainer, TrainConfig
+torch.set_num_threads(1)
+data, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t = time.perf_counter()  # includes the CIDEr-D document frequencies of every training image's references
+trainer = Trainer(data, out, {"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512, "dropout": 0.5},
+                  TrainConfig(epochs=1, batch_size=10, lr=5e-5, lr_schedule="constant", warmup_steps=0,
+                              objective="scst", scst_samples=5, scst_baseline="mean", scst_temperature=0.5,
+                              val_images=0), log=lambda *a: None, device="cpu")
+setup = time.perf_counter() - t
+t = time.perf_counter()
+trainer.train(progress_bar=False, stop_after_steps=steps)
+seconds = time.perf_counter() - t
+print(json.dumps({"setup_seconds": round(setup, 1), "train_images": len(trainer.objective),
+                  "document_frequencies": len(trainer.objective.cider.document_frequency), "steps": steps,
+                  "steps_seconds": round(seconds, 1), "images_per_s": round(steps * 10 / seconds, 2)}))
 """
 
 
@@ -190,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1/50 of each size (seconds; what CI runs)")
-    p.add_argument("--stages", default="coco,store,train,evaluate,aic",
-                   help="comma-separated: coco, store, train, evaluate (these three need coco), aic")
+    p.add_argument("--stages", default="coco,store,train,scst,evaluate,aic",
+                   help="comma-separated: coco, store, train, scst, evaluate (these four need coco), aic")
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--work", help="folder for the generated files (default: a temporary one, removed after)")
     a = p.parse_args(argv)
@@ -235,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                                                      str(steps)])
                     results["stages"][name] = {**json.loads(line), "seconds": round(seconds, 1), "peak_mib": round(rss),
                                                "exit_status": code}
+            if "scst" in stages:
+                seconds, rss, code, line = _run([sys.executable, "-c", _SCST, str(data), str(root / "run-scst"),
+                                                 str(SCST_STEPS if not a.quick else 2)])
+                results["stages"]["scst"] = {**json.loads(line), "seconds": round(seconds, 1), "peak_mib": round(rss),
+                                             "exit_status": code}
             if "evaluate" in stages:
                 seconds, rss, code, line = _run([sys.executable, "-m", "imcap", "evaluate", str(root / "run-train"),
                                                  "--data", str(data), "--split", "test", "--beam", "3", "--threads", "1",
@@ -263,6 +296,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'on' if r['feeding_thread'] else 'off'}), peak {r['peak_mib']:,} MiB")
     if "train" in st and "train_small" in st:
         print(f"{'':12s} captions/s big store / small store: {st['train']['captions_per_s'] / st['train_small']['captions_per_s']:.3f}")
+    for name in ("train", "train_small"):
+        if name in st:
+            r = st[name]
+            epoch = r["train_captions"] / r["captions_per_s"]
+            print(f"{name:12s} validation of {r['val_images']:,} images (greedy): {r['val_seconds']:.1f} s, "
+                  f"{r['val_seconds'] / (epoch + r['val_seconds']):.1%} of an epoch ({epoch / 60:.0f} min)")
+    if "scst" in st:
+        r = st["scst"]
+        print(f"{'scst':12s} {r['train_images']:,} images: setup {r['setup_seconds']:.1f} s "
+              f"({r['document_frequencies']:,} n-grams' document frequencies), {r['steps']} steps at "
+              f"{r['images_per_s']:.2f} images/s, peak {r['peak_mib']:,} MiB")
     if "evaluate" in st:
         r = st["evaluate"]
         print(f"{'evaluate':12s} {r['images']:,} test images, beam 3, every metric: {r['seconds']:.1f} s, "

@@ -22,6 +22,7 @@ from .images import to_rgb
 STRIDE = 32  # total downsampling of the EfficientNet trunk: grid = image_size / 32
 MAX_IMAGE_SIZE = 1024  # 32x32 grid; 224 (7x7) and 448 (14x14) are the sizes used
 FEATURE_DIM = 1280  # channels of the Lite head conv (the head is not width-scaled in Lite models)
+OUTPUT_MAX = 6.0  # annotations lie in [0, 6]: the Lite head ends in ReLU6 (a uint8 feature store's range)
 # The TF Lite weights expect (x * 255 - 127) / 128 for x in [0, 1].
 LITE_MEAN = (127 / 255,) * 3
 LITE_STD = (128 / 255,) * 3

@@ -17,6 +17,7 @@ nothing for it, and SCST learns such endings.
 from __future__ import annotations
 
 import math
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 
@@ -27,9 +28,6 @@ from .decoding import greedy_search, sample_captions
 from .text import END, PAD, START, UNK
 
 NO_MATCH = -1  # stands for a reference's <unk> in rewards
-
-Ngrams = list[dict[tuple[int, ...], float]]  # one {ngram: tf-idf} per n
-
 
 def ngram_counts(words: Sequence[int], n: int = 4) -> Counter:
     """Counts of every 1..n-gram of `words`."""
@@ -45,46 +43,78 @@ class CiderD:
 
     references[i] holds image i's reference captions (lists of word ids, without <start>/<end>). Document
     frequency and the corpus size come from all of them, as pycocoevalcap does for the scored corpus.
+    The references are kept as flat arrays of n-gram ids and counts, 8 bytes per n-gram of a reference (COCO's
+    113,287 training images: about 0.2 GB, against 4.3 GB as one dictionary per n and reference); a
+    reference's tf-idf vector is rebuilt when an image is scored, with the same float operations.
     """
 
     def __init__(self, references: Sequence[Sequence[Sequence[int]]], n: int = 4, sigma: float = 6.0):
         self.n, self.sigma = n, sigma
-        self.doc_freq: Counter = Counter()
-        counts = [[ngram_counts(r, n) for r in refs] for refs in references]
-        for refs in counts:
-            self.doc_freq.update({g for c in refs for g in c})
+        self.ids: dict[tuple[int, ...], int] = {}  # n-gram -> id, in order of first appearance
+        doc_freq = array("i")  # by n-gram id: images whose references contain it
+        gram_ids, gram_tf = array("i"), array("i")  # every reference's n-grams, one reference after another
+        ref_start, image_start = array("q", [0]), array("q", [0])
+        for refs in references:
+            seen: set[int] = set()
+            for ref in refs:
+                for gram, tf in ngram_counts(ref, n).items():
+                    i = self.ids.setdefault(gram, len(self.ids))
+                    if i == len(doc_freq):
+                        doc_freq.append(0)
+                    gram_ids.append(i)
+                    gram_tf.append(tf)
+                    seen.add(i)
+                ref_start.append(len(gram_ids))
+            for i in seen:
+                doc_freq[i] += 1
+            image_start.append(len(ref_start) - 1)
+        self.document_frequency = np.frombuffer(doc_freq, dtype=np.int32)
         self.log_docs = math.log(float(max(len(references), 1)))
-        self.refs = [[self._vector(c) for c in refs] for refs in counts]  # per image: (vec, norms, length)
+        self.idf = np.array([self.log_docs - math.log(max(1.0, d)) for d in doc_freq], dtype=np.float64)
+        self.order = np.fromiter((len(g) - 1 for g in self.ids), dtype=np.int8, count=len(self.ids))  # n - 1
+        self.gram_ids, self.gram_tf = np.frombuffer(gram_ids, dtype=np.int32), np.frombuffer(gram_tf, dtype=np.int32)
+        self.ref_start, self.image_start = np.frombuffer(ref_start, dtype=np.int64), np.frombuffer(image_start, dtype=np.int64)
+        refs = len(self.ref_start) - 1
+        squares = np.zeros(refs * n)  # per reference and n: the squared norm of its tf-idf vector
+        length = np.zeros(refs)  # pycocoevalcap measures length in bigrams
+        for lo in range(0, len(self.gram_ids), 1 << 20):  # in chunks: a few MB at a time
+            ids, tf = self.gram_ids[lo : lo + (1 << 20)], self.gram_tf[lo : lo + (1 << 20)]
+            owner = np.searchsorted(self.ref_start, np.arange(lo, lo + len(ids)), side="right") - 1
+            v = tf * self.idf[ids]
+            squares += np.bincount(owner * n + self.order[ids], weights=v * v, minlength=refs * n)
+            length += np.bincount(owner, weights=tf * (self.order[ids] == 1), minlength=refs)
+        self.ref_norms = np.sqrt(squares).reshape(refs, n)
+        self.ref_length = length.astype(np.int64)
 
-    def _vector(self, counts: Counter) -> tuple[Ngrams, list[float], int]:
-        vec: Ngrams = [{} for _ in range(self.n)]
-        norms = [0.0] * self.n
-        length = 0
-        for gram, tf in counts.items():
-            k = len(gram) - 1
-            v = tf * (self.log_docs - math.log(max(1.0, self.doc_freq[gram])))
-            vec[k][gram] = v
-            norms[k] += v * v
-            if k == 1:  # pycocoevalcap measures length in bigrams
-                length += tf
-        return vec, [math.sqrt(x) for x in norms], length
+    def _reference(self, r: int) -> dict[int, float]:
+        ids = self.gram_ids[self.ref_start[r] : self.ref_start[r + 1]]
+        tf = self.gram_tf[self.ref_start[r] : self.ref_start[r + 1]]
+        return dict(zip(ids.tolist(), (tf * self.idf[ids]).tolist()))
 
     def score(self, words: Sequence[int], image: int) -> float:
         """CIDEr-D of one hypothesis (word ids) for reference set `image`."""
-        refs = self.refs[image]
-        if not refs:
+        first, last = int(self.image_start[image]), int(self.image_start[image + 1])
+        if first == last:
             return 0.0
-        vec, norms, length = self._vector(ngram_counts(words, self.n))
+        vec: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]  # per n: (n-gram id or -1, tf-idf)
+        length = 0
+        for gram, tf in ngram_counts(words, self.n).items():
+            i = self.ids.get(gram, -1)
+            k = len(gram) - 1
+            vec[k].append((i, tf * (float(self.idf[i]) if i >= 0 else self.log_docs)))  # unseen: df 0 -> 1
+            if k == 1:
+                length += tf
+        norms = [math.sqrt(sum(v * v for _, v in grams)) for grams in vec]
         total = 0.0
-        for ref_vec, ref_norms, ref_length in refs:
-            penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma**2))
+        for r in range(first, last):
+            ref, ref_norms = self._reference(r), self.ref_norms[r]
+            penalty = math.exp(-((length - int(self.ref_length[r])) ** 2) / (2 * self.sigma**2))
             for k in range(self.n):
-                ref_k = ref_vec[k]
-                val = sum(min(v, ref_k.get(g, 0.0)) * ref_k.get(g, 0.0) for g, v in vec[k].items())
+                val = sum(min(v, ref.get(i, 0.0)) * ref.get(i, 0.0) for i, v in vec[k])
                 if norms[k] and ref_norms[k]:
-                    val /= norms[k] * ref_norms[k]
+                    val /= norms[k] * float(ref_norms[k])
                 total += val * penalty
-        return total / self.n / len(refs) * 10.0
+        return total / self.n / (last - first) * 10.0
 
     def scores(self, hypotheses: Sequence[Sequence[int]], images: Sequence[int]) -> np.ndarray:
         return np.array([self.score(h, i) for h, i in zip(hypotheses, images)], dtype=np.float64)

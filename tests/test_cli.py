@@ -187,3 +187,23 @@ def test_serve_passes_its_request_limits_on(monkeypatch):
     assert main(["serve", "RUN", "--max-cost", "100", "--max-overlay-images", "1", "--max-overlays", "8",
                  "--max-reply-mb", "2.5", "--device", "cpu"]) == 0
     assert (seen["max_cost"], seen["max_overlay_images"], seen["max_overlays"], seen["max_reply_bytes"]) == (100, 1, 8, 2_500_000)
+
+
+def test_a_uint8_store_trains_and_evaluates_like_float16(run_dir, capsys, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("dataset.json", "vocab.json"):
+        shutil.copy(run_dir / "data" / name, data / name)
+    capsys.readouterr()
+    assert main(["features", str(data), "--dtype", "uint8", "--quiet"]) == 0
+    assert "uint8, 62,720 bytes/image" in capsys.readouterr().out  # 7 x 7 x 1280, half of float16's
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir / "run"), "--data", str(data), "--split", "test", "--beam", "1", "--json"]) == 0
+    on_bytes = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(run_dir / "run"), "--split", "test", "--beam", "1", "--json"]) == 0
+    on_halves = json.loads(capsys.readouterr().out)
+    assert abs(on_bytes["CIDEr"] - on_halves["CIDEr"]) < 0.05  # the model trained on float16 reads uint8 features
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "24",
+                 "--embed-dim", "32", "--hidden-dim", "48", "--attention-dim", "32", "--patience", "0", "--quiet"]) == 0
+    saved = json.loads((tmp_path / "run/best/checkpoint.json").read_text())
+    assert saved["data"]["features"] == "efficientnet-lite0-224"

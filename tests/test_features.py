@@ -258,3 +258,41 @@ def test_reuse_of_a_data_dir_without_that_store_is_one_line(tmp_path, encoder):
     (tmp_path / "b").mkdir()
     with pytest.raises(FeatureStoreError, match=r"no feature store to reuse .*imcap features"):
         extract_features(data, encoder=encoder, image_size=SIZE, progress=False, reuse=tmp_path / "b")
+
+
+def test_a_uint8_store_takes_half_the_bytes_and_reads_within_half_a_step(tmp_path, encoder):
+    half, byte = make_data_dir(tmp_path / "f16"), make_data_dir(tmp_path / "u8")
+    extract_features(half, encoder=encoder, image_size=SIZE, progress=False)
+    summary = extract_features(byte, encoder=encoder, image_size=SIZE, progress=False, dtype="uint8")
+    assert (summary["dtype"], summary["bytes_per_image"], summary["done"]) == ("uint8", 4 * 1280, 5)
+    d = byte / "features" / f"efficientnet-lite0-{SIZE}"
+    assert sorted(p.name for p in d.iterdir()) == ["features.u8", "index.json", "status.u8"]
+    assert (d / "features.u8").stat().st_size == 6 * 4 * 1280
+    a, b = FeatureStore.open(half), FeatureStore.open(byte)
+    assert b.features.dtype == np.uint8 and b.scale == pytest.approx(6 / 255)
+    rows = [5, 0, 3]
+    want, got = a.get(rows), b.get(rows)
+    assert got.dtype == torch.float32 and float(got.min()) >= 0 and float(got.max()) <= 6
+    assert float((got - want).abs().max()) <= 6 / 255 / 2 + 2e-3  # half a step, and float16's own rounding
+    assert float((got - want).abs().max()) > 0  # it is coarser than float16
+    again = extract_features(byte, encoder=encoder, image_size=SIZE, progress=False)  # dtype None: the store's
+    assert (again["dtype"], again["encoded"], again["skipped"]) == ("uint8", 0, 5)
+
+
+def test_a_store_of_another_dtype_is_refused_and_reuse_converts(tmp_path, encoder, monkeypatch):
+    half = make_data_dir(tmp_path / "f16", corrupt_at=None)
+    extract_features(half, encoder=encoder, image_size=SIZE, progress=False)
+    with pytest.raises(FeatureStoreError, match=r"dtype float16 != uint8.*overwrite"):
+        extract_features(half, encoder=encoder, image_size=SIZE, progress=False, dtype="uint8")
+    with pytest.raises(ValueError, match="dtype must be one of float16, uint8"):
+        extract_features(half, encoder=encoder, image_size=SIZE, progress=False, dtype="int4", overwrite=True)
+    assert FeatureStore.open(half).features.dtype == np.float16  # untouched by the refusals
+
+    byte = tmp_path / "u8"
+    byte.mkdir()
+    (byte / "dataset.json").write_text((half / "dataset.json").read_text())
+    sizes = count_encoded(monkeypatch, encoder)
+    summary = extract_features(byte, encoder=encoder, image_size=SIZE, progress=False, dtype="uint8", reuse=half)
+    assert (summary["copied"], summary["encoded"], sizes) == (5, 0, [])
+    a, b = FeatureStore.open(half), FeatureStore.open(byte)
+    assert float((a.get(range(5)) - b.get(range(5))).abs().max()) <= 6 / 255 / 2 + 1e-6  # rounded once, from float16

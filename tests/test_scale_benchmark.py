@@ -1,5 +1,6 @@
 """benchmarks/scale.py, the scale rehearsal, in its quick mode (1/50 of COCO's and AI Challenger's size):
-prepare both, a feature store of each size, a few training steps from each, the test split evaluated."""
+prepare both, a feature store of each size, a few training steps from each and a validation, a few SCST
+steps, the test split evaluated."""
 
 import json
 import os
@@ -29,5 +30,8 @@ def test_the_quick_rehearsal_runs_every_stage_and_reports_time_and_memory(shared
     assert stages["store"]["bytes_on_disk"] >= 2466 * 49 * 1280 * 2 > stages["store_small"]["bytes_on_disk"]
     assert stages["train"]["train_captions"] == 2266 * 5 and stages["train"]["captions_per_s"] > 0
     assert stages["train_small"]["captions_per_s"] > 0 and stages["train"]["peak_mib"] > 0
+    assert stages["train"]["val_images"] == 100 and stages["train"]["val_seconds"] > 0  # the whole val split
+    assert stages["scst"]["train_images"] == 2266 and stages["scst"]["document_frequencies"] > 0
+    assert stages["scst"]["images_per_s"] > 0
     assert stages["evaluate"]["images"] == 100 and set(stages["evaluate"]["scores"]) >= {"BLEU-4", "METEOR", "CIDEr"}
     assert list(tmp_path.iterdir()) == [out]  # the generated files are gone
