@@ -3,9 +3,10 @@
 `imcap train DATA_DIR --out RUN --init-from XE_RUN --finetune-blocks N [--encoder-lr LR]` starts from a run
 trained on DATA_DIR's feature store and goes on training its decoder together with the last N blocks and the
 head conv of the encoder that made the store (its EncoderSpec, saved in the checkpoint). The Trainer
-(train.py) stays the same: it asks `EncoderTuner.features(rows)` for annotations instead of the store, gives
-the optimizer one more param group (its own peak LR, the same schedule) and saves `EncoderTuner.state()` in
-every checkpoint (checkpoint.py: encoder.safetensors), which `Captioner.load` puts back into the encoder.
+(train.py) stays the same: it asks `EncoderTuner.load(rows)` for pixels and `EncoderTuner.encode` for their
+annotations instead of the store, gives the optimizer one more param group (its own peak LR, the same
+schedule) and saves `EncoderTuner.state()` in every checkpoint (checkpoint.py: encoder.safetensors), which
+`Captioner.load` puts back into the encoder.
 
 Cost on a CPU: every training image goes through the whole CNN once per epoch (the store did it once for
 all epochs). The frozen lower blocks run without autograd and each image is encoded once per batch and

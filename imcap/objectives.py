@@ -119,7 +119,7 @@ class CrossEntropy:
         source, captions, lengths, image_index = (x.to(t.device, non_blocking=True) for x in micro)
         hard = t.model_config.attention == "hard"
         with autocast(t.device, t.precision):
-            features = t.tuner.encode(source) if t.tuner else source  # (I, P, D)
+            features = t.encode(source)  # (I, P, D)
             out = t.net(features, captions, lengths, image_index, return_samples=hard)
         logits, alphas = out[0].float(), out[1].float()  # (B, T, V), (B, T, P): the loss in fp32
         loss, parts = caption_loss(logits, captions[:, 1:], alphas, lengths, alpha_c=cfg.alpha_c,

@@ -249,10 +249,8 @@ class Trainer:
                                  encoder_weights=self.tuner.state() if self.tuner else None)
 
     def features(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Annotations (I, P, D) of feature rows: cached, or encoded from the images by the fine-tuned encoder
-        (differentiable through its top blocks when grad is enabled)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        return self.tuner.features(rows) if self.tuner else self.store.get(rows).to(self.device)
+        """Annotations (I, P, D) of feature rows on the device: encode(source(rows))."""
+        return self.encode(self.source(torch.as_tensor(np.asarray(rows, dtype=np.int64))))
 
     def train(self, progress_bar: bool = True, stop_after_steps: int | None = None) -> dict:
         """Run until cfg.epochs, early stopping, or stop_after_steps global steps (then checkpoint and return).
@@ -405,6 +403,11 @@ class Trainer:
     def source(self, rows: torch.Tensor) -> torch.Tensor:
         """What the model's annotations of `rows` are made from, on the CPU: cached features, or the tuner's pixels."""
         return self.tuner.load(rows.numpy()) if self.tuner else self.store.get(rows.numpy())
+
+    def encode(self, source: torch.Tensor) -> torch.Tensor:
+        """source(rows) -> annotations (I, P, D) on the device: the cached features as they are, or the fine-tuned
+        encoder's of the pixels (differentiable through its top blocks when grad is enabled)."""
+        return self.tuner.encode(source) if self.tuner else source.to(self.device, non_blocking=True)
 
     def _step(self, idx: torch.Tensor, batch: list[tuple[torch.Tensor, ...]]) -> tuple[float, dict]:
         """One optimizer step on the batch `idx` (this process computes its shard of it), prepared by _prepare:

@@ -52,15 +52,6 @@ def test_teacher_forcing_equals_stepping(rnn, gate, deep):
                 assert torch.allclose(alpha[b], alphas[b, t], atol=1e-6)
 
 
-def test_image_projection_is_computed_once_per_image():
-    model = tiny()
-    calls = []
-    model.attention.feature_proj.register_forward_hook(lambda *a: calls.append(1))
-    features, captions, lengths = batch()
-    model(features, captions, lengths)
-    assert len(calls) == 1
-
-
 def test_doubly_stochastic_penalty_by_hand():
     alphas = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.3, 0.7]]])  # (1, T=3, P=2), last step is padding
     mask = torch.tensor([[True, True, False]])
