@@ -18,8 +18,9 @@ Then, on the COCO DATA_DIR:
 - scst: the same model trained by SCST (10 images a step, 5 samples at temperature 0.5, mean baseline) from
   the big store: its setup (CIDEr-D document frequencies of all 113,287 training images), steps and peak;
 - evaluate: `imcap evaluate --split test --beam 3` over the 5,000 test images with every metric.
-Each stage runs in its own process; the table gives its wall time and peak resident memory (os.wait4), and
-the JSON the figures with the machine's load before and after.
+Each stage runs in its own process; the table gives its wall time and peak resident memory (os.wait4; for
+training also the peak of its anonymous part, without the store's file pages), and the JSON the figures with
+the machine's load before and after.
 """
 
 from __future__ import annotations
@@ -66,7 +67,23 @@ status[:] = DONE
 (path / "status.u8").write_bytes(status.tobytes())
 """
 
-_TRAIN = """
+# Started first in the training children: the peak of anonymous resident memory (heap, tensors), which
+# ru_maxrss does not separate from the pages of the memory-mapped store it has read (file pages, which the
+# kernel reclaims when memory is short)
+_ANON_PEAK = """
+import threading, time
+ANON_PEAK = [0]
+def _sample():
+    while True:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    ANON_PEAK[0] = max(ANON_PEAK[0], int(line.split()[1]) // 1024)
+        time.sleep(0.2)
+threading.Thread(target=_sample, daemon=True).start()
+"""
+
+_TRAIN = _ANON_PEAK + """
 import json, sys, time, torch
 from imcap.captions import DecodingOptions
 from imcap.train import Trainer, TrainConfig, validate
@@ -89,10 +106,11 @@ print(json.dumps({"setup_seconds": round(setup, 1), "steps": steps, "steps_secon
                   "captions_per_s": round(steps * 128 / seconds, 1), "train_captions": len(trainer.objective),
                   "feeding_thread": trainer.prefetch,
                   "data_wait_share": round(p.epoch_wait_seconds / max(p.epoch_seconds, 1e-9), 4),
-                  "val_images": len(hyps), "val_seconds": round(time.perf_counter() - t, 1)}))
+                  "val_images": len(hyps), "val_seconds": round(time.perf_counter() - t, 1),
+                  "anon_peak_mib": ANON_PEAK[0]}))
 """
 
-_SCST = """
+_SCST = _ANON_PEAK + """
 import json, sys, time, torch
 from imcap.train import Trainer, TrainConfig
 torch.set_num_threads(1)
@@ -108,7 +126,8 @@ trainer.train(progress_bar=False, stop_after_steps=steps)
 seconds = time.perf_counter() - t
 print(json.dumps({"setup_seconds": round(setup, 1), "train_images": len(trainer.objective),
                   "document_frequencies": len(trainer.objective.cider.document_frequency), "steps": steps,
-                  "steps_seconds": round(seconds, 1), "images_per_s": round(steps * 10 / seconds, 2)}))
+                  "steps_seconds": round(seconds, 1), "images_per_s": round(steps * 10 / seconds, 2),
+                  "anon_peak_mib": ANON_PEAK[0]}))
 """
 
 
@@ -293,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             r = st[name]
             print(f"{name:12s} {r['train_captions']:,} captions: setup {r['setup_seconds']:.1f} s, {r['steps']} steps at "
                   f"{r['captions_per_s']:.1f} captions/s ({r['data_wait_share']:.0%} waiting for data, feeding thread "
-                  f"{'on' if r['feeding_thread'] else 'off'}), peak {r['peak_mib']:,} MiB")
+                  f"{'on' if r['feeding_thread'] else 'off'}), peak {r['peak_mib']:,} MiB "
+                  f"({r['anon_peak_mib']:,} MiB anonymous, the rest pages of the store)")
     if "train" in st and "train_small" in st:
         print(f"{'':12s} captions/s big store / small store: {st['train']['captions_per_s'] / st['train_small']['captions_per_s']:.3f}")
     for name in ("train", "train_small"):
@@ -306,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         r = st["scst"]
         print(f"{'scst':12s} {r['train_images']:,} images: setup {r['setup_seconds']:.1f} s "
               f"({r['document_frequencies']:,} n-grams' document frequencies), {r['steps']} steps at "
-              f"{r['images_per_s']:.2f} images/s, peak {r['peak_mib']:,} MiB")
+              f"{r['images_per_s']:.2f} images/s, peak {r['peak_mib']:,} MiB ({r['anon_peak_mib']:,} MiB anonymous)")
     if "evaluate" in st:
         r = st["evaluate"]
         print(f"{'evaluate':12s} {r['images']:,} test images, beam 3, every metric: {r['seconds']:.1f} s, "

@@ -33,5 +33,6 @@ def test_the_quick_rehearsal_runs_every_stage_and_reports_time_and_memory(shared
     assert stages["train"]["val_images"] == 100 and stages["train"]["val_seconds"] > 0  # the whole val split
     assert stages["scst"]["train_images"] == 2266 and stages["scst"]["document_frequencies"] > 0
     assert stages["scst"]["images_per_s"] > 0
+    assert 0 < stages["train"]["anon_peak_mib"] <= stages["train"]["peak_mib"]
     assert stages["evaluate"]["images"] == 100 and set(stages["evaluate"]["scores"]) >= {"BLEU-4", "METEOR", "CIDEr"}
     assert list(tmp_path.iterdir()) == [out]  # the generated files are gone
