@@ -209,6 +209,26 @@ def _check_train_flags(a, given: dict) -> None:
             raise UsageError("--finetune-blocks runs in one process (not under torchrun)")
     if a.scst_epochs is not None and not a.preset:
         raise UsageError("--scst-epochs needs --preset (with --objective scst, --epochs counts the SCST epochs)")
+    _check_objective_flags(a, given)
+
+
+def _check_objective_flags(a, given: dict) -> None:
+    """UsageError for a flag of an objective no stage of this run trains (it would be ignored)."""
+    from .objectives import OBJECTIVES, owned_fields
+    from .presets import get_preset
+
+    if a.preset:
+        preset = get_preset(a.preset)
+        trained = ["xe", "scst"] if preset.scst and a.scst_epochs != 0 else ["xe"]
+    else:
+        trained = [given.get("objective", "xe")]
+    for name in given:
+        owners = [o for o in OBJECTIVES if name in owned_fields(o)]
+        if owners and not set(owners) & set(trained):
+            flag = "--" + name.replace("_", "-")
+            where = f"--preset {a.preset}" if a.preset else "this run"
+            raise UsageError(f"{flag} is a setting of --objective {owners[0]}, and {where} trains only "
+                             f"{' and '.join(trained)}: drop {flag}")
 
 
 def _preset_stages(a, model_config: dict, given: dict) -> list[tuple[str, Path, dict | None, dict, str]]:

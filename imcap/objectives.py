@@ -10,12 +10,17 @@ objective for the rest:
     objective.after_backward()     once all micro-batches of a step are in, before clipping
     objective.after_step(parts)    after the optimizer step, with the step's parts summed over processes
 
-A new objective is a class with these methods and an entry in OBJECTIVES (its name is TrainConfig.objective).
+Each unit reads its own settings, a frozen record (CrossEntropySettings, SelfCriticalSettings) made from the
+TrainConfig fields it names: TrainConfig stays one flat record because checkpoints and command-line flags
+name its fields, and `owned_fields` says which of them belong to which objective (the CLI refuses a flag of
+another objective than the one trained). A new objective is a class with these methods, its settings record,
+and an entry in OBJECTIVES (its name is TrainConfig.objective).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -28,6 +33,7 @@ from .text import END, START, Vocabulary
 if TYPE_CHECKING:
     from .features import FeatureStore
     from .train import Trainer
+    from .train_config import TrainConfig
 
 
 class Objective(Protocol):
@@ -44,6 +50,39 @@ class Objective(Protocol):
     def after_backward(self) -> None: ...
 
     def after_step(self, parts: dict[str, float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class CrossEntropySettings:
+    """What cross-entropy reads of TrainConfig: the fields of these names."""
+
+    alpha_c: float  # weight of the doubly stochastic attention penalty (lambda)
+    label_smoothing: float
+    group_by_image: bool  # batches hold all captions of their images
+    hard_reinforce_weight: float  # hard attention: lambda_r
+    hard_entropy_weight: float  # hard attention: lambda_e
+    hard_baseline_decay: float  # hard attention: moving average of the reward baseline
+
+
+@dataclass(frozen=True)
+class SelfCriticalSettings:
+    """What SCST reads of TrainConfig: the fields scst_<name>."""
+
+    samples: int  # captions sampled per image
+    baseline: str  # "greedy" or "mean"
+    max_length: int  # words per sampled caption
+    temperature: float  # sampling temperature
+
+
+def settings(unit: Any, cfg: TrainConfig) -> Any:
+    """The objective class `unit`'s settings record, from cfg's fields (unit.prefix + each field's name)."""
+    return unit.Settings(**{f.name: getattr(cfg, unit.prefix + f.name) for f in fields(unit.Settings)})
+
+
+def owned_fields(name: str) -> list[str]:
+    """The TrainConfig fields objective `name` (a key of OBJECTIVES) reads."""
+    unit = OBJECTIVES[name]
+    return [unit.prefix + f.name for f in fields(unit.Settings)]
 
 
 class CaptionPairs:
@@ -94,9 +133,11 @@ class CrossEntropy:
     (model.caption_loss), whose baseline moves after every step."""
 
     units = "captions"
+    Settings, prefix = CrossEntropySettings, ""
 
     def __init__(self, trainer: Trainer):
         self.t = trainer
+        self.settings = settings(type(self), trainer.cfg)
         self.pairs = CaptionPairs(trainer.images, trainer.vocab, trainer.store, "train",
                                   int(trainer.meta.get("max_length", 30)))
 
@@ -104,7 +145,7 @@ class CrossEntropy:
         return len(self.pairs)
 
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
-        return self.pairs.epoch_order(generator, self.t.cfg.group_by_image)
+        return self.pairs.epoch_order(generator, self.settings.group_by_image)
 
     def prepare(self, part: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """annotations (I, P, D) or the tuner's pixels, captions (B, L), lengths (B,), image index (B,)."""
@@ -113,7 +154,7 @@ class CrossEntropy:
 
     def backward(self, idx: torch.Tensor, micro: tuple[torch.Tensor, ...]) -> tuple[float, dict[str, float]]:
         """Teacher forcing on one micro-batch, normalised by the whole batch's words and captions, and its backward."""
-        t, cfg = self.t, self.t.cfg
+        t, cfg = self.t, self.settings
         lengths_all = self.pairs.lengths[idx]
         totals = (float((lengths_all - 1).sum()), float(len(idx)))  # words and captions of the whole batch
         source, captions, lengths, image_index = (x.to(t.device, non_blocking=True) for x in micro)
@@ -136,7 +177,7 @@ class CrossEntropy:
     def after_step(self, parts: dict[str, float]) -> None:
         if "reward" in parts:  # hard attention: move the baseline towards this batch's mean reward
             b = self.t.model.reward_baseline
-            decay = self.t.cfg.hard_baseline_decay if self.t.progress.global_step > 0 else 0.0
+            decay = self.settings.hard_baseline_decay if self.t.progress.global_step > 0 else 0.0
             b.fill_(decay * float(b) + (1 - decay) * parts["reward"])
 
 
@@ -146,9 +187,11 @@ class SelfCritical:
     Rewards use the training references (their document frequencies fixed for the run)."""
 
     units = "images"
+    Settings, prefix = SelfCriticalSettings, "scst_"
 
     def __init__(self, trainer: Trainer):
         self.t = trainer
+        self.settings = settings(type(self), trainer.cfg)
         images, max_len = trainer.images, int(trainer.meta.get("max_length", 30))
         rows = [i for i in split_rows(images, "train", trainer.store.ok) if any(images[i]["tokens"])]
         self.images = torch.tensor(rows, dtype=torch.long)  # sorted feature rows of the training images
@@ -167,13 +210,13 @@ class SelfCritical:
 
     def backward(self, idx: torch.Tensor, micro: tuple[torch.Tensor, ...]) -> tuple[float, dict[str, float]]:
         """Self-critical loss of one micro-batch of images (sampled on the device), and its backward."""
-        t, cfg = self.t, self.t.cfg
+        t, cfg = self.t, self.settings
         rows, features = micro[0], micro[1].to(t.device, non_blocking=True)
         references = torch.searchsorted(self.images, rows.contiguous()).tolist()  # their CIDEr-D reference sets
         with autocast(t.device, t.precision):
-            loss, parts = scst_loss(t.model, features, references, self.cider, samples=cfg.scst_samples,
-                                    max_length=cfg.scst_max_length, baseline=cfg.scst_baseline,
-                                    total_rows=len(idx) * cfg.scst_samples, temperature=cfg.scst_temperature)
+            loss, parts = scst_loss(t.model, features, references, self.cider, samples=cfg.samples,
+                                    max_length=cfg.max_length, baseline=cfg.baseline,
+                                    total_rows=len(idx) * cfg.samples, temperature=cfg.temperature)
         t.scaler.scale(loss).backward()
         return float(loss.detach()), {k: v * len(rows) / len(idx) for k, v in parts.items()}  # -> batch means
 

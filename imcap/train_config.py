@@ -1,9 +1,10 @@
 """A training run's settings and where it stands: TrainConfig and Progress, both saved in every checkpoint
 (checkpoint.json's train_config and progress), and the checks that a saved run can be resumed as asked.
 
-TrainConfig is one flat record because checkpoints and the command line name its fields; the fields of each
-objective (objectives.py: cross-entropy with hard attention's REINFORCE terms, SCST) and of end-to-end
-training (finetune.py) are grouped below, and only the unit they belong to reads them.
+TrainConfig is one flat record because checkpoints and the command line name its fields. Each objective
+(objectives.py: cross-entropy with hard attention's REINFORCE terms, SCST) reads its own fields as a frozen
+settings record (objectives.settings, owned_fields); they and end-to-end training's (finetune.py) are
+grouped below.
 """
 
 from __future__ import annotations

@@ -284,6 +284,11 @@ def main_help(argv: list[str], capsys) -> str:
     (["--preset", "flickr8k", "--finetune-blocks", "2"], "--preset flickr8k trains on the cached features"),
     (["--scst-epochs", "2"], "--scst-epochs needs --preset"),
     (["--encoder-lr", "1e-4"], "--encoder-lr needs --finetune-blocks N"),
+    (["--scst-temperature", "0.5"], "--scst-temperature is a setting of --objective scst, and this run trains only xe"),
+    (["--objective", "scst", "--init-from", "XE", "--label-smoothing", "0.1"],
+     "--label-smoothing is a setting of --objective xe, and this run trains only scst"),
+    (["--preset", "flickr8k", "--scst-samples", "3"], "--preset flickr8k trains only xe: drop --scst-samples"),
+    (["--preset", "flickr8k-scst", "--scst-epochs", "0", "--scst-baseline", "greedy"], "drop --scst-baseline"),
 ])
 def test_flags_that_contradict_each_other_are_usage_errors(tmp_path, capsys, flags, message):
     err = one_error_line(capsys, ["train", str(tmp_path / "DATA"), "--out", str(tmp_path / "RUN"), *flags], 2)
