@@ -1,7 +1,7 @@
-"""The feature store: every image of DATA_DIR through the CNN once, kept as one memory map (N, P, D).
+"""The feature store: every image of DATA_DIR through the CNN once, kept as one array file (N, P, D).
 
 Layout (docs/formats.md), under DATA_DIR/features/<encoder>-<size>/:
-    features.f16   float16 memory map (N, P, D), row i = dataset.json images[i]; or, with dtype uint8,
+    features.f16   float16 (N, P, D), row i = dataset.json images[i]; or, with dtype uint8,
     features.u8    uint8 (N, P, D): value = code * scale (index.json), the encoders' ReLU6 range in 255 steps
     status.u8      uint8 (N,): 0 = not done, 1 = done, 2 = failed (unreadable image)
     index.json     encoder spec, N, P, D, dtype (and scale), failures
