@@ -93,19 +93,20 @@ class UnsafeArchiveError(DownloadError):
 _COCO = "http://images.cocodataset.org"
 _COCO_HOME = "https://cocodataset.org/#download"
 
+def _coco(year: int, description: str, train: int, val: int, annotations: int) -> Dataset:
+    """MS-COCO of `year`: its train and val image zips and its annotations zip, with their exact sizes."""
+    return Dataset(f"coco{year}", description, (
+        RemoteFile(f"{_COCO}/zips/train{year}.zip", f"train{year}.zip", size=train, unpack="zip"),
+        RemoteFile(f"{_COCO}/zips/val{year}.zip", f"val{year}.zip", size=val, unpack="zip"),
+        RemoteFile(f"{_COCO}/annotations/annotations_trainval{year}.zip", f"annotations_trainval{year}.zip",
+                   size=annotations, unpack="zip"),
+    ), _COCO_HOME, f"imcap prepare --format coco {{dir}}/annotations/captions_train{year}.json --out data/coco{year}")
+
+
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
-    Dataset("coco2014", "MS-COCO 2014 train/val images and captions (the Karpathy splits use these images)", (
-        RemoteFile(f"{_COCO}/zips/train2014.zip", "train2014.zip", size=13_510_573_713, unpack="zip"),
-        RemoteFile(f"{_COCO}/zips/val2014.zip", "val2014.zip", size=6_645_013_297, unpack="zip"),
-        RemoteFile(f"{_COCO}/annotations/annotations_trainval2014.zip", "annotations_trainval2014.zip",
-                   size=252_872_794, unpack="zip"),
-    ), _COCO_HOME, "imcap prepare --format coco {dir}/annotations/captions_train2014.json --out data/coco2014"),
-    Dataset("coco2017", "MS-COCO 2017 train/val images and captions", (
-        RemoteFile(f"{_COCO}/zips/train2017.zip", "train2017.zip", size=19_336_861_798, unpack="zip"),
-        RemoteFile(f"{_COCO}/zips/val2017.zip", "val2017.zip", size=815_585_330, unpack="zip"),
-        RemoteFile(f"{_COCO}/annotations/annotations_trainval2017.zip", "annotations_trainval2017.zip",
-                   size=252_907_541, unpack="zip"),
-    ), _COCO_HOME, "imcap prepare --format coco {dir}/annotations/captions_train2017.json --out data/coco2017"),
+    _coco(2014, "MS-COCO 2014 train/val images and captions (the Karpathy splits use these images)",
+          13_510_573_713, 6_645_013_297, 252_872_794),
+    _coco(2017, "MS-COCO 2017 train/val images and captions", 19_336_861_798, 815_585_330, 252_907_541),
     Dataset("flickr8k", "Flickr8k: 8,091 photos, 5 captions each, official splits (~1 GB; cite Hodosh et al. 2013)", (
         RemoteFile("https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip",
                    "Flickr8k_Dataset.zip", unpack="zip"),

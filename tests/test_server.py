@@ -206,6 +206,16 @@ def test_file_names_are_only_echoed_never_opened(client):
     assert "root:" not in r.text
 
 
+def occupy(app, requests: list[threading.Thread], started: threading.Event) -> None:
+    """Start two requests: the first runs (its caption call sets `started`), the second waits in the queue."""
+    requests[0].start()
+    assert started.wait(10)
+    requests[1].start()
+    deadline = time.time() + 10
+    while app.state.queue.waiting < 1 and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def test_busy_server_answers_503_with_retry_after(captioner):
     release, started = threading.Event(), threading.Event()
     real_caption = captioner.caption
@@ -224,12 +234,7 @@ def test_busy_server_answers_503_with_retry_after(captioner):
                 statuses.append(post(client, [("a.png", png(), "image/png")], max_length=2).status_code)
 
             workers = [threading.Thread(target=send) for _ in range(2)]
-            workers[0].start()
-            assert started.wait(10)
-            workers[1].start()
-            deadline = time.time() + 10
-            while app.state.queue.waiting < 1 and time.time() < deadline:
-                time.sleep(0.01)
+            occupy(app, workers, started)
             assert client.get("/healthz").json() == {"status": "ok", "running": 1, "waiting": 1}
             r = post(client, [("a.png", png(), "image/png")], max_length=2)
             assert r.status_code == 503

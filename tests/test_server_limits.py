@@ -20,7 +20,7 @@ from imcap.api import Captioner
 from imcap.checkpoint import CheckpointError
 from imcap.server import OVERLAY_SIDE, CaptionOptions, CaptionQueue, QueueFull, create_app, reply_bytes
 from test_hardening import _encode, cli_env, imcap_cmd
-from test_server import captioner, png, post, tiny_run  # noqa: F401 - captioner is a fixture
+from test_server import captioner, occupy, png, post, tiny_run  # noqa: F401 - captioner is a fixture
 
 OLD_WORST = {"beam_size": 10, "n_best": 10, "max_length": 60, "attention": "true", "overlays": "true"}
 
@@ -168,12 +168,7 @@ def test_a_costly_request_does_not_inflate_retry_after_for_small_ones(captioner,
         monkeypatch.setattr(captioner, "caption", blocked_caption)
         small = [threading.Thread(target=post, args=(c, scenes(1)), kwargs={"max_length": 5}) for _ in range(2)]
         try:
-            small[0].start()
-            assert started.wait(10)
-            small[1].start()
-            deadline = time.time() + 10
-            while app.state.queue.waiting < 1 and time.time() < deadline:
-                time.sleep(0.01)
+            occupy(app, small, started)
             r = post(c, scenes(1), max_length=5)
             assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.headers
             assert r.json()["error"] == "server busy: too many requests waiting; retry in 1 s"
