@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "language) instead of encoding them again")
     s.add_argument("--dtype", choices=["float16", "uint8"], help="how the store keeps annotations (default "
                    "float16, or an existing store's): uint8 takes half the disk (a 14x14 COCO store 31 GB instead "
-                   "of 62) in 255 steps of the encoder's [0, 6] range; docs/performance.md measures what it changes")
+                   "of 62) in 255 steps of the encoder's [0, 6] range; docs/coco.md measures what it changes")
     s.set_defaults(func=cmd_features)
 
     s = sub.add_parser("train", help="train the attention decoder on cached features (resumes RUN_DIR)")

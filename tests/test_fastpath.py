@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from imcap import fastpath
-from imcap.fastpath import _energies_in_blocks
 from imcap.model import Memory, ModelConfig, ShowAttendTell, caption_loss
 from imcap.text import END, START
 
@@ -161,7 +160,7 @@ def test_energies_in_blocks_equal_the_whole_computation():
             whole = (torch.sigmoid(2 * (memory.projected.unsqueeze(1) + hidden)) @ (2 * w.T)).squeeze(3)
             per_image = W * memory.projected[0].numel()  # W * P * A floats
             for images in (1, 2, M - 1, M + 3):
-                e = _energies_in_blocks(memory.projected, hidden, w, block_floats=images * per_image)
+                e = fastpath.energies(memory.projected, hidden, w, block_floats=images * per_image)
                 close(e, whole, f"W={W}, {images} images per block")
 
 

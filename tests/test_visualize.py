@@ -112,20 +112,16 @@ def test_draw_boxes_outlines_the_box():
     assert out.getpixel((20, 55)) == (0, 0, 0) and out.getpixel((40, 55)) == (255, 255, 255)
 
 
+def figure(words: list[str], caption: str | None = None) -> np.ndarray:
+    """The attention figure of a black image with these words, as pixels."""
+    alphas = np.full((len(words), 7, 7), 1 / 49)
+    return np.asarray(attention_figure(Image.new("RGB", (64, 64)), words, alphas, caption=caption))
+
+
 def test_attention_figure_font_draws_vietnamese_accents():
-    from imcap.visualize import _font
-
-    def pixels(text):
-        from PIL import Image, ImageDraw
-
-        im = Image.new("L", (40, 40))
-        ImageDraw.Draw(im).text((5, 5), text, fill=255, font=font)
-        return im.tobytes()
-
-    font = _font(16, "một người đàn ông")
-    assert any(pixels("ộ"))
-    assert pixels("ộ") != pixels("\U000f0000")  # not the font's box for a missing glyph
-    assert pixels("ộ") != pixels("o")  # the accents are drawn
+    accented = figure(["một", "người"])
+    assert not np.array_equal(accented, figure(["mot", "nguoi"]))  # the accents are drawn
+    assert not np.array_equal(accented, figure(["m\U000f0000t", "ngư\U000f0000i"]))  # not the missing-glyph box
 
 
 def _cjk_font_installed() -> bool:
@@ -143,25 +139,12 @@ def _cjk_font_installed() -> bool:
 
 @pytest.mark.skipif(not _cjk_font_installed(), reason="no CJK font installed (make test installs fonts-wqy-microhei as root)")
 def test_attention_figure_draws_chinese_words_as_glyphs_and_wraps_them(monkeypatch):
-    from PIL import ImageDraw
-
-    from imcap.visualize import _font, _wrap
-
     monkeypatch.delenv("IMCAP_FONT", raising=False)
-    font = _font(16, "一只狗")
-
-    def pixels(text):
-        im = Image.new("L", (40, 40))
-        ImageDraw.Draw(im).text((5, 5), text, fill=255, font=font)
-        return im.tobytes()
-
-    assert any(pixels("狗")) and pixels("狗") != pixels("猫")  # two glyphs, not twice the missing-glyph box
-    caption = "一只黑色的狗在绿色的草地上奔跑着追一个红色的球"
-    lines = _wrap(caption, font, 120)
-    assert len(lines) > 1 and "".join(lines) == caption  # wrapped between characters, nothing lost or added
-    assert all(font.getlength(line) <= 120 for line in lines)
-    fig = attention_figure(Image.new("RGB", (64, 64)), ["狗", "跑"], np.full((2, 7, 7), 1 / 49), caption="狗跑")
-    assert fig.size[0] > 0
+    dog, cat = figure(["狗", "跑"]), figure(["猫", "跑"])
+    assert dog.shape == cat.shape and not np.array_equal(dog, cat)  # two glyphs, not twice the missing-glyph box
+    short = figure(["狗", "跑"], caption="狗跑")
+    long = figure(["狗", "跑"], caption="一只黑色的狗在绿色的草地上奔跑着追一个红色的球" * 3)
+    assert long.shape[1] == short.shape[1] and long.shape[0] > short.shape[0]  # wrapped between characters
 
 
 def test_chinese_words_without_a_chinese_font_warn_once(monkeypatch):
