@@ -119,6 +119,11 @@ def _dtype(index: dict) -> str:
     return dtype
 
 
+def _scale(index: dict) -> float | None:
+    """The value of one uint8 step, or None for a float16 store."""
+    return index["scale"] if _dtype(index) == "uint8" else None
+
+
 def data_file(path: Path, index: dict) -> Path:
     """The store's (N, P, D) array file: features.f16 or features.u8."""
     return path / DTYPES[_dtype(index)][0]
@@ -192,7 +197,7 @@ class _Rows:
     def __init__(self, file: Path, index: dict):
         self.file, self.size = file, _store_bytes(index)
         self.row_bytes = _row_bytes(index)
-        self.scale = index.get("scale") if _dtype(index) == "uint8" else None
+        self.scale = _scale(index)
         self._f = open(file, "r+b", buffering=0)
 
     def write(self, rows: Sequence[int], values: np.ndarray) -> None:
@@ -595,7 +600,7 @@ class FeatureStore:
         self.path = path
         self.index = index
         self.features = features  # (N, P, D) float16 or uint8, read-only memory map
-        self.scale = index["scale"] if _dtype(index) == "uint8" else None
+        self.scale = _scale(index)
         self.status = status  # (N,) uint8: 1 done, 2 failed
         self.ok = status == DONE  # (N,) bool
         self.spec = EncoderSpec.from_dict(index["encoder"])
