@@ -641,7 +641,7 @@ class FeatureStore:
         rows = idx[order]
         raw = np.empty((len(idx), *self.features.shape[1:]), dtype=self.features.dtype)  # (len, P, D), sorted
         row_bytes = raw[0].nbytes if len(raw) else 0
-        starts = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
+        starts = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)] if len(rows) else []
         file = data_file(self.path, self.index)
         with open(file, "rb", buffering=0) as f:  # reads, not the memory map: the pages stay out of our RSS
             for a, b in zip(starts[:-1], starts[1:]):

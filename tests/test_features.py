@@ -87,6 +87,7 @@ def test_store_rows_match_the_encoder(tmp_path, encoder, capsys):
     torch.testing.assert_close(got, encode_directly(encoder, data, rows), atol=1e-2, rtol=2e-3)
     with pytest.raises(FeatureStoreError, match="no features"):
         store.get([2])
+    assert store.get([]).shape == (0, 4, 1280)  # no rows asked, none read
 
 
 def test_resume_after_interruption_recomputes_only_missing_rows(tmp_path, encoder, monkeypatch):
