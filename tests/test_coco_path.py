@@ -7,6 +7,7 @@ documented commands run through the CLI from there: prepare, features, train, ev
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def karpathy_stand_in(coco: Path, out: Path) -> tuple[Path, dict[str, int]]:
 
 def imcap(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "imcap", *args], capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
