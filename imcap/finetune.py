@@ -83,10 +83,6 @@ class EncoderTuner:
         """The optimizer's extra group: the trainable encoder weights at lr * (encoder_lr / lr) at every step."""
         return [{"params": self.params, "lr_scale": self.lr_scale}]
 
-    def features(self, rows: np.ndarray) -> torch.Tensor:
-        """Annotations (I, P, D) of dataset rows (I,), encoded from their images now (on the device)."""
-        return self.encode(self.load(rows))
-
     def load(self, rows: np.ndarray) -> torch.Tensor:
         """The preprocessed pixels (I, 3, S, S) of dataset rows, on the CPU; ImageError for an unreadable image."""
         batch = _load_batch(np.asarray(rows, dtype=np.int64), self.paths, self.encoder.preprocess)

@@ -59,7 +59,7 @@ def test_bottom_then_top_is_the_encoder_and_matches_the_store(tiny_data):
     store = FeatureStore.open(tiny_data)
     tuner = EncoderTuner(tiny_data, store.spec, BLOCKS, encoder=encoder)
     with torch.no_grad():
-        a = tuner.features(np.arange(3))  # (3, P, D) decoded and encoded now
+        a = tuner.encode(tuner.load(np.arange(3)))  # (3, P, D) decoded and encoded now
     torch.testing.assert_close(a, store.get(np.arange(3)), atol=2e-2, rtol=1e-2)  # the store is float16
 
 
