@@ -515,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train the attention decoder on cached features (resumes RUN_DIR)")
     s.add_argument("data_dir", help="DATA_DIR with features")
     s.add_argument("--out", required=True, help="RUN_DIR for checkpoints and logs")
-    s.add_argument("--features", help="feature store to use, e.g. efficientnet-lite0-224 (default: the only one)")
+    s.add_argument("--features", help="feature store to use, e.g. efficientnet-lite0-224 (default: the store the "
+                                      "--init-from run trained on when DATA_DIR has it, else the only one)")
     s.add_argument("--epochs", type=_count(1, 100_000), help="maximum epochs (default 20; may be raised when resuming)")
     s.add_argument("--batch-size", type=_count(1, MAX_BATCH), help="captions per batch (default 64)")
     s.add_argument("--lr", type=_bounded(float, 0, 10, low_open=True), help="peak learning rate (default 4e-4)")

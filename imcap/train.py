@@ -129,6 +129,8 @@ class Trainer:
             check_resumable(self.out_dir / "checkpoint", saved[0])
             self._check_same_data(saved[0])
             features = saved[0]["data"]["features"]
+        elif features is None and train_config is not None and train_config.init_from:
+            features = _store_of(train_config.init_from, self.data_dir)
         store_encoder, size = _split_store_name(features)
         self.store = FeatureStore.open(self.data_dir, encoder=store_encoder, image_size=size)
         self.prefetch = _feeding_thread(self.device, self.store) if prefetch is None else prefetch
@@ -541,6 +543,13 @@ def _feeding_thread(device: torch.device, store: FeatureStore) -> bool:
     except (ValueError, OSError, AttributeError):
         return False
     return store.features.nbytes > memory / 4
+
+
+def _store_of(run: str, data_dir: Path) -> str | None:
+    """The feature store the run `run` trained on, when DATA_DIR has one of that name (None: choose as usual)."""
+    meta, _ = ckpt.load_checkpoint(ckpt.find_checkpoint(run))
+    name = meta.get("data", {}).get("features")
+    return name if isinstance(name, str) and (data_dir / "features" / name / "index.json").is_file() else None
 
 
 def _split_store_name(name: str | None) -> tuple[str | None, int | None]:

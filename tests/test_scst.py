@@ -178,6 +178,27 @@ def test_scst_fine_tuning_from_a_cross_entropy_run(tiny_data, tmp_path):
     assert sum(float((xe[k] - tuned[k]).abs().max()) for k in xe) < 5  # ... but not from scratch
 
 
+def test_init_from_trains_on_the_store_of_the_run_it_starts_from(tiny_data, tmp_path, capsys):
+    import shutil
+
+    from imcap.encoders import build_encoder
+    from imcap.features import extract_features
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    torch.manual_seed(0)
+    extract_features(data, encoder=build_encoder("efficientnet-lite0", 32, pretrained=False), image_size=32,
+                     progress=False)  # a second store: without --features a run must say which
+    tiny = ["--embed-dim", "16", "--hidden-dim", "24", "--attention-dim", "16", "--epochs", "1", "--quiet"]
+    assert main(["train", str(data), "--out", str(tmp_path / "new"), *tiny]) != 0
+    assert "several feature stores" in capsys.readouterr().err
+    assert main(["train", str(data), "--out", str(tmp_path / "xe"), "--features", "efficientnet-lite0-32", *tiny]) == 0
+    assert main(["train", str(data), "--out", str(tmp_path / "scst"), "--init-from", str(tmp_path / "xe"),
+                 "--objective", "scst", "--scst-samples", "2", "--epochs", "1", "--quiet"]) == 0
+    meta = json.loads((tmp_path / "scst/checkpoint/checkpoint.json").read_text())
+    assert meta["data"]["features"] == "efficientnet-lite0-32"
+
+
 def test_cli_init_from_a_folder_without_checkpoint_is_a_one_line_error(tiny_data, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
