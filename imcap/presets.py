@@ -34,6 +34,12 @@ _F8K_MODEL = {"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512, "dropou
 # than the paper's lambda = 1, with sharper maps (docs/results.md)
 _F8K_XE = {"epochs": 7, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "patience": 3, "alpha_c": 0.0}
 
+# SCST from the cross-entropy stage's best weights: 1,200 updates of 10 images with 5 samples each at temperature
+# 0.5 (at 1 the samples score a third of the greedy caption and SCST learns short, generic captions)
+_F8K_SCST = {"epochs": 2, "batch_size": 10, "lr": 5e-5, "lr_schedule": "constant", "warmup_steps": 0,
+             "scst_samples": 5, "scst_baseline": "mean", "scst_temperature": 0.5, "scst_max_length": 20,
+             "patience": 2}
+
 PRESETS: dict[str, Preset] = {
     # the best 7x7 cross-entropy recipe measured on Flickr8k dev (docs/results.md, J): score it with --beam 7
     # --length-penalty 1
@@ -41,15 +47,12 @@ PRESETS: dict[str, Preset] = {
         description="Flickr8k (or a set of that size): EfficientNet-Lite2 7x7 grid, cross-entropy, 7 epochs",
         **_F8K_FEATURES, model=_F8K_MODEL, train=_F8K_XE,
     ),
-    # the same, then self-critical fine-tuning from its best weights: samples drawn at temperature 0.5, whose
-    # rewards rank captions near the greedy one (at 1 the samples score a third of it and SCST learns short,
-    # generic captions); docs/results.md, K: +15.5% greedy CIDEr over flickr8k, decode greedily or with beam 3
+    # the same, then self-critical fine-tuning from its best weights (docs/results.md, K: +15.5% greedy CIDEr
+    # over flickr8k); decode greedily or with beam 3
     "flickr8k-scst": Preset(
         description="flickr8k, then 2 epochs of SCST (CIDEr-D reward, mean baseline, 5 samples at temperature 0.5)",
         **_F8K_FEATURES, model=_F8K_MODEL, train=_F8K_XE,
-        scst={"epochs": 2, "batch_size": 10, "lr": 5e-5, "lr_schedule": "constant", "warmup_steps": 0,
-              "scst_samples": 5, "scst_baseline": "mean", "scst_temperature": 0.5, "scst_max_length": 20,
-              "patience": 2},
+        scst=_F8K_SCST,
     ),
     # the paper's 14x14 grid (Lite2 at 448 px, 196 locations), the flickr8k recipe otherwise: on Flickr8k dev it
     # beats the 7x7 grid (docs/results.md, M) at 3.4x the features' time and about 2x the training's on a CPU;
@@ -68,6 +71,15 @@ PRESETS: dict[str, Preset] = {
         features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 224 "
                          "[--reuse ENGLISH_FLICKR8K_DATA_DIR]",
         model=_F8K_MODEL, train=_F8K_XE,
+    ),
+    # the best Flickr8K-CN model measured (docs/results.md): the 14x14 grid, then SCST; decode greedily. Its store
+    # can be copied from an English Flickr8k DATA_DIR's 448 px store with --reuse
+    "flickr8k-cn-448-scst": Preset(
+        description="Flickr8K-CN on the 14x14 grid (Lite2 at 448 px): the flickr8k recipe, then 2 epochs of SCST",
+        features="efficientnet-lite2-448",
+        features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 448 "
+                         "[--reuse ENGLISH_FLICKR8K_DATA_DIR]",
+        model=_F8K_MODEL, train=_F8K_XE, scst=_F8K_SCST,
     ),
     # two flickr8k models decoding as one (ensemble.py): each step averages their word probabilities
     "flickr8k-ensemble": Preset(
