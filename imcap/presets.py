@@ -64,7 +64,7 @@ PRESETS: dict[str, Preset] = {
         model=_F8K_MODEL, train=_F8K_XE,
     ),
     # the best single model measured on Flickr8k dev (docs/results.md, P'): flickr8k-448 with label smoothing 0.1,
-    # then SCST; decode with beam 7 and length penalty 1 (or greedily)
+    # then SCST; decode with beam 10 and length penalty 2 (or greedily)
     "flickr8k-448-scst": Preset(
         description="flickr8k-448 with label smoothing 0.1, then 2 epochs of SCST (as flickr8k-scst)",
         features="efficientnet-lite2-448",

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -548,8 +549,11 @@ def _feeding_thread(device: torch.device, store: FeatureStore) -> bool:
 def _store_of(run: str, data_dir: Path) -> str | None:
     """The feature store the run `run` trained on, when DATA_DIR has one of that name (None: choose as usual)."""
     meta, _ = ckpt.load_checkpoint(ckpt.find_checkpoint(run))
-    name = meta.get("data", {}).get("features")
-    return name if isinstance(name, str) and (data_dir / "features" / name / "index.json").is_file() else None
+    data = meta.get("data")
+    name = data.get("features") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*-[0-9]{1,5}", name):
+        return None  # a store name as `imcap features` writes it, e.g. efficientnet-lite2-448
+    return name if (data_dir / "features" / name / "index.json").is_file() else None
 
 
 def _split_store_name(name: str | None) -> tuple[str | None, int | None]:
