@@ -27,8 +27,14 @@ class Preset:
     members: dict[str, dict] = field(default_factory=dict)  # ensemble: member name -> its TrainConfig fields
 
 
-_F8K_FEATURES = dict(features="efficientnet-lite2-224",
-                    features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 224")
+def _lite2(size: int, options: str = "") -> dict:
+    """The Lite2 store at `size` px a preset trains on, and the command that makes it (with optional flags)."""
+    return dict(features=f"efficientnet-lite2-{size}",
+                features_command=f"imcap features DATA_DIR --encoder efficientnet-lite2 --image-size {size}{options}")
+
+
+_F8K_FEATURES = _lite2(224)
+_CN_REUSE = " [--reuse ENGLISH_FLICKR8K_DATA_DIR]"  # the English Flickr8k store holds the same photos
 _F8K_MODEL = {"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512, "dropout": 0.5}
 # alpha_c 0: no doubly stochastic penalty; on Flickr8k as good with beam 7 and better greedy or with beam 3
 # than the paper's lambda = 1, with sharper maps (docs/results.md)
@@ -59,35 +65,25 @@ PRESETS: dict[str, Preset] = {
     # a uint8 store (--dtype uint8) halves its 501,760 bytes an image
     "flickr8k-448": Preset(
         description="flickr8k on the paper's 14x14 grid: EfficientNet-Lite2 at 448 px, cross-entropy, 7 epochs",
-        features="efficientnet-lite2-448",
-        features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 448 [--dtype uint8]",
-        model=_F8K_MODEL, train=_F8K_XE,
+        **_lite2(448, " [--dtype uint8]"), model=_F8K_MODEL, train=_F8K_XE,
     ),
     # the best single model measured on Flickr8k dev (docs/results.md, P'): flickr8k-448 with label smoothing 0.1,
     # then SCST; decode with beam 10 and length penalty 2 (or greedily)
     "flickr8k-448-scst": Preset(
         description="flickr8k-448 with label smoothing 0.1, then 2 epochs of SCST (as flickr8k-scst)",
-        features="efficientnet-lite2-448",
-        features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 448 [--dtype uint8]",
-        model=_F8K_MODEL, train={**_F8K_XE, "label_smoothing": 0.1}, scst=_F8K_SCST,
+        **_lite2(448, " [--dtype uint8]"), model=_F8K_MODEL, train={**_F8K_XE, "label_smoothing": 0.1}, scst=_F8K_SCST,
     ),
     # Flickr8K-CN (prepare --format flickr8k-cn, --language zh for jieba words or zh-char for characters): the
     # English recipe on the same photos, so its store can be copied from an English Flickr8k DATA_DIR
     "flickr8k-cn": Preset(
         description="Flickr8K-CN (Chinese captions of the Flickr8k photos), words or characters: the flickr8k recipe",
-        features="efficientnet-lite2-224",
-        features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 224 "
-                         "[--reuse ENGLISH_FLICKR8K_DATA_DIR]",
-        model=_F8K_MODEL, train=_F8K_XE,
+        **_lite2(224, _CN_REUSE), model=_F8K_MODEL, train=_F8K_XE,
     ),
     # the best Flickr8K-CN model measured (docs/results.md): the 14x14 grid, then SCST; decode greedily. Its store
     # can be copied from an English Flickr8k DATA_DIR's 448 px store with --reuse
     "flickr8k-cn-448-scst": Preset(
         description="Flickr8K-CN on the 14x14 grid (Lite2 at 448 px): the flickr8k recipe, then 2 epochs of SCST",
-        features="efficientnet-lite2-448",
-        features_command="imcap features DATA_DIR --encoder efficientnet-lite2 --image-size 448 "
-                         "[--reuse ENGLISH_FLICKR8K_DATA_DIR]",
-        model=_F8K_MODEL, train=_F8K_XE, scst=_F8K_SCST,
+        **_lite2(448, _CN_REUSE), model=_F8K_MODEL, train=_F8K_XE, scst=_F8K_SCST,
     ),
     # two flickr8k models decoding as one (ensemble.py): each step averages their word probabilities
     "flickr8k-ensemble": Preset(

@@ -126,12 +126,16 @@ class Trainer:
         self.vocab = load_vocab(self.data_dir)
         resume = (self.out_dir / "checkpoint").exists() or (self.out_dir / "checkpoint.old").exists()
         saved = ckpt.load_checkpoint(self.out_dir / "checkpoint") if resume else None
+        start = None  # (meta, weights) of the run a new run starts from (--init-from)
         if saved:
             check_resumable(self.out_dir / "checkpoint", saved[0])
             self._check_same_data(saved[0])
             features = saved[0]["data"]["features"]
-        elif features is None and train_config is not None and train_config.init_from:
-            features = _store_of(train_config.init_from, self.data_dir)
+        else:
+            self.cfg = (train_config or TrainConfig()).validate()
+            if self.cfg.init_from:  # read once here: its store is the default one
+                start = ckpt.load_checkpoint(ckpt.find_checkpoint(self.cfg.init_from))
+                features = features or _store_of(start[0], self.data_dir)
         store_encoder, size = _split_store_name(features)
         self.store = FeatureStore.open(self.data_dir, encoder=store_encoder, image_size=size)
         self.prefetch = _feeding_thread(self.device, self.store) if prefetch is None else prefetch
@@ -144,17 +148,16 @@ class Trainer:
                 self.log(f"note: micro-batches {self.cfg.micro_batches} -> {train_config.micro_batches} from here "
                          f"(the same batches; gradients add up in another order, so rounding differs)")
                 self.cfg.micro_batches = train_config.micro_batches
+            self.cfg.validate()
             self.model_config = ModelConfig.from_dict(meta["model_config"])
         else:
-            self.cfg = train_config or TrainConfig()
             overrides = dict(model_config or {})
             self.model_config = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.store.spec.feature_dim,
                                             **overrides).validate()
-        self.cfg.validate()
         self.init_encoder_weights: dict[str, torch.Tensor] | None = None  # set by _initial_weights
         self._ctrl_c = CtrlC(False)  # train() installs an active one
         self._session = [0, 0.0]  # steps trained by this process and their seconds (validation apart): the ETA
-        init = self._initial_weights() if not saved and self.cfg.init_from else None
+        init = self._initial_weights(*start) if start else None
         self.log(f"training on {describe(self.device)}, {self.precision}")
         torch.manual_seed(self.cfg.seed)
         self.model = ShowAttendTell(self.model_config).to(self.device)  # initialised on the CPU: the same on every device
@@ -192,10 +195,10 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.objective) / self.cfg.batch_size)
 
-    def _initial_weights(self) -> dict[str, torch.Tensor]:
-        """Weights of cfg.init_from; its model configuration replaces the one given, its vocabulary must match."""
+    def _initial_weights(self, meta: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights of cfg.init_from (its checkpoint's meta and state); its model configuration replaces the one
+        given, its vocabulary must match."""
         path = ckpt.find_checkpoint(self.cfg.init_from)
-        meta, state = ckpt.load_checkpoint(path)
         self.init_encoder_weights = ckpt.load_encoder_weights(path, meta)
         if self.init_encoder_weights is not None and not self.cfg.finetune_blocks:
             raise ValueError(f"{self.cfg.init_from}: its encoder was fine-tuned, its decoder does not fit the cached "
@@ -546,9 +549,9 @@ def _feeding_thread(device: torch.device, store: FeatureStore) -> bool:
     return store.features.nbytes > memory / 4
 
 
-def _store_of(run: str, data_dir: Path) -> str | None:
-    """The feature store the run `run` trained on, when DATA_DIR has one of that name (None: choose as usual)."""
-    meta, _ = ckpt.load_checkpoint(ckpt.find_checkpoint(run))
+def _store_of(meta: dict, data_dir: Path) -> str | None:
+    """The feature store a checkpoint (its meta) trained on, when DATA_DIR has one of that name (None: choose as
+    usual)."""
     data = meta.get("data")
     name = data.get("features") if isinstance(data, dict) else None
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*-[0-9]{1,5}", name):

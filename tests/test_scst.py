@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from safetensors.torch import load_file
 from imcap.api import Captioner
 from imcap.cli import main
 from imcap.decoding import sample_captions
+from imcap.encoders import build_encoder
 from imcap.ensemble import Ensemble
+from imcap.features import extract_features
 from imcap.model import ModelConfig, ShowAttendTell
 from imcap.scst import CiderD, reward_references, scst_loss, words_of
 from imcap.text import END, PAD, START, UNK
@@ -179,11 +182,6 @@ def test_scst_fine_tuning_from_a_cross_entropy_run(tiny_data, tmp_path):
 
 
 def test_init_from_trains_on_the_store_of_the_run_it_starts_from(tiny_data, tmp_path, capsys):
-    import shutil
-
-    from imcap.encoders import build_encoder
-    from imcap.features import extract_features
-
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     torch.manual_seed(0)
