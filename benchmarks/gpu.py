@@ -1,6 +1,6 @@
 """imcap's GPU check: one command, a table on stdout, the figures as JSON; no data download.
 
-    python benchmarks/gpu.py                       # on a CUDA machine: the full check (under 8 minutes on one GPU)
+    python benchmarks/gpu.py                       # on a CUDA machine: the full check (about 70 s on one H200)
     python benchmarks/gpu.py --device cpu          # a smoke run of the same code with small sizes (CI runs it)
 
 Sections (each one's failure is recorded and the others still run):
@@ -11,9 +11,11 @@ Sections (each one's failure is recorded and the others still run):
               256: imcap's model vs the tutorial-style baseline of benchmarks/baseline.py on the same device,
               fp32 and bf16 autocast
     coco      a projected MS-COCO Karpathy epoch (113,287 images, 566,747 captions) at the flickr8k preset's
-              shapes (7 x 7 x 1280 features, 256/512/512, batch 128, vocabulary 10,000) from measured steps
+              shapes (7 x 7 x 1280 features, 256/512/512, batch 128, vocabulary 10,000) from measured steps,
+              and the same at batch 256, 512 and 1024 in bf16 (a launch-bound step costs about the same at any batch)
     beam      beam search k = 3 over 5,000 images (images/s)
-    extract   EfficientNet-Lite0 at 224 px, fp32 and bf16 channels-last (images/s, grid difference), and the
+    extract   EfficientNet-Lite0 at 224 px, fp32 (as imcap extracts), TF32 and bf16 channels-last (images/s,
+              grid difference from fp32), and the
               CPU time to decode and resize a COCO-sized JPEG (the share of extraction spent decoding)
     feed      the Trainer itself on a synthetic feature store (random 7 x 7 x 1280 features on disk, the flickr8k
               preset's model at batch 128): the share of step time the training thread waits for batches, with
@@ -24,6 +26,7 @@ Peak GPU memory is given per section. Figures are from random weights and inputs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import io
 import json
@@ -46,7 +49,7 @@ from baseline import TutorialDecoder  # noqa: E402
 from run import TRAIN_SETUPS, TrainSetup, decoding_features, decoding_model, train_batches  # noqa: E402
 
 from imcap.decoding import DecodingOptions, decode  # noqa: E402
-from imcap.devices import autocast  # noqa: E402
+from imcap.devices import autocast, ieee_convolutions  # noqa: E402
 from imcap.model import ModelConfig, ShowAttendTell, caption_loss  # noqa: E402
 
 COCO_IMAGES, COCO_CAPTIONS = 113_287, 566_747  # Karpathy train (+ restval) split
@@ -84,10 +87,13 @@ def section_tests(args, device: torch.device) -> dict:
         return {"skipped": "pytest is not installed here"}
     env = {**os.environ, "IMCAP_TEST_DEVICE": str(device)}
     files = [str(REPO / "tests" / "test_device.py"), *map(str, sorted((REPO / "tests").glob("test_cuda*.py")))]
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     last = (out.stdout.strip().splitlines() or [""])[-1]
-    return {"returncode": out.returncode, "summary": last, "ok": out.returncode == 0}
+    result = {"returncode": out.returncode, "summary": last, "ok": out.returncode == 0}
+    if out.returncode != 0:  # what failed, for the report (the table gives only the summary line)
+        result["output_tail"] = (out.stdout + out.stderr)[-6000:]
+    return result
 
 
 def section_parity(args, device: torch.device) -> dict:
@@ -177,6 +183,11 @@ def section_coco(args, device: torch.device) -> dict:
         out[precision]["epoch_minutes"] = round(steps * out[precision]["step_s"] / 60, 2)
     out["note"] = (f"{COCO_CAPTIONS:,} captions of {COCO_IMAGES:,} images at batch {setup.batch}, from the measured "
                    f"step time; validation and data loading not included")
+    out["larger_batches"] = {}
+    for batch in ((256, 512, 1024) if not args.quick else (32,)):
+        m = measure_training(setup, batch, device, 3 if args.quick else 10, ("bf16",))["bf16"]
+        m["epoch_minutes"] = round(COCO_CAPTIONS / batch * m["step_s"] / 60, 2)
+        out["larger_batches"][str(batch)] = m
     return out
 
 
@@ -194,7 +205,7 @@ def section_beam(args, device: torch.device) -> dict:
     sync(device)
     seconds = time.perf_counter() - start
     words = sum(len(h[0].tokens) for h in hyps) / n
-    return {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1),
+    return {"images": n, "decode_seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1),
             "mean_words": round(words, 1), "chunk": 1000, "peak_mib": peak_memory_mib(device)}
 
 
@@ -221,14 +232,18 @@ def section_extract(args, device: torch.device) -> dict:
     encoder = build_encoder("efficientnet-lite0", 224, pretrained=True).to(device).eval()
     pixels = torch.rand(batch, 3, 224, 224, device=device)
     out: dict = {"batch": batch}
-    with torch.inference_mode():
+    # fp32: what the feature store and the captioner compute (cuDNN without TF32, devices.ieee_convolutions);
+    # tf32: cuDNN's default for fp32 convolutions; bf16-channels-last: the fastest, changes the grid most
+    variants = (("fp32", "fp32", False, False), ("tf32", "fp32", False, True), ("bf16-channels-last", "bf16", True, True))
+    with torch.inference_mode(), ieee_convolutions(device, "fp32"):
         reference = encoder(pixels).float()
-        for name, precision, channels_last in (("fp32", "fp32", False), ("bf16-channels-last", "bf16", True)):
+    with torch.inference_mode():
+        for name, precision, channels_last, tf32 in variants:
             x = pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
             net = encoder.to(memory_format=torch.channels_last) if channels_last else encoder
 
             def run() -> torch.Tensor:
-                with autocast(device, precision):
+                with autocast(device, precision), (contextlib.nullcontext() if tf32 else ieee_convolutions(device, "fp32")):
                     return net(x)
 
             seconds = timed(run, device, repeats)
@@ -280,15 +295,17 @@ def section_feed(args, device: torch.device) -> dict:
 
     from imcap.train import Trainer, TrainConfig
 
-    images, size, batch, steps = (512, 224, 128, 20) if not args.quick else (40, 64, 16, 6)
+    images, size, batch, steps = (1024, 224, 128, 20) if not args.quick else (40, 64, 16, 6)
     model = {"embed_dim": 256, "hidden_dim": 512, "attention_dim": 512} if not args.quick else \
         {"embed_dim": 32, "hidden_dim": 32, "attention_dim": 32}
     out: dict = {"images": images, "batch": batch, "steps": steps}
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_store(Path(tmp), images, size)
         for i, prefetch in enumerate((False, True, False)):  # the first run warms the device up (overwritten)
-            trainer = Trainer(data, Path(tmp) / f"run{i}", model, TrainConfig(epochs=1, batch_size=batch,
+            trainer = Trainer(data, Path(tmp) / f"run{i}", model, TrainConfig(epochs=2, batch_size=batch,
                               val_images=1), log=lambda *a: None, device=device, prefetch=prefetch)
+            if trainer.steps_per_epoch <= steps:  # an epoch's end resets the figures read below
+                raise ValueError(f"{steps} steps need more than the {trainer.steps_per_epoch} steps of an epoch")
             trainer.train(progress_bar=False, stop_after_steps=steps)
             p = trainer.progress
             out["prefetch" if prefetch else "inline"] = {
@@ -338,11 +355,14 @@ def table(sections: dict) -> list[str]:
                         extra += f", epoch {v['epoch_minutes']} min" if "epoch_minutes" in v else ""
                         extra += f", peak {v['peak_mib']} MiB" if v.get("peak_mib") else ""
                         add(f"{name} batch {b}", variant, f"{v['captions_per_s']:,} captions/s{extra}")
+            for b, v in (r.get("larger_batches") or {}).items():
+                add(f"coco batch {b}", "bf16", f"{v['captions_per_s']:,} captions/s, epoch {v['epoch_minutes']} min"
+                    + (f", peak {v['peak_mib']} MiB" if v.get("peak_mib") else ""))
         elif name == "beam":
-            add("beam k=3", f"{r['images']} images", f"{r['images_per_s']:,} images/s ({r['seconds']} s)"
+            add("beam k=3", f"{r['images']} images", f"{r['images_per_s']:,} images/s ({r['decode_seconds']} s)"
                 + (f", peak {r['peak_mib']} MiB" if r.get("peak_mib") else ""))
         elif name == "extract":
-            for variant in ("fp32", "bf16-channels-last"):
+            for variant in ("fp32", "tf32", "bf16-channels-last"):
                 v = r[variant]
                 add("extract lite0 224", variant, f"{v['images_per_s']:,} images/s, grid diff {v['grid_max_abs_diff']}")
             add("extract JPEG decode", f"{r['jpeg_decode_ms_per_image']} ms/image on one core",
@@ -381,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "quick": args.quick}
     sections: dict[str, dict] = {}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(lines: list[str]) -> None:  # after every section: a run cut short keeps what it measured
+        out_path.write_text(json.dumps({"meta": meta, "sections": sections, "table": lines}, indent=1) + "\n")
+
     t0 = time.perf_counter()
     for name in names:
         print(f"[{time.perf_counter() - t0:6.1f} s] {name} ...", file=sys.stderr, flush=True)
@@ -391,13 +417,13 @@ def main(argv: list[str] | None = None) -> int:
             sections[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
                               "traceback": traceback.format_exc()[-2000:]}
         sections[name]["seconds"] = round(time.perf_counter() - started, 1)
+        write(table(sections))
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     header = f"imcap GPU check {meta['date']}: {meta['device']}, torch {meta['torch']} (CUDA {meta['cuda']}), {meta['seconds']} s"
     lines = [header, *table(sections)]
     print("\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "sections": sections, "table": lines}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write(lines)
+    print(f"wrote {out_path}")
     failed = [n for n, r in sections.items() if "error" in r or r.get("ok") is False]
     return 1 if failed else 0
 

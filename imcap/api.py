@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .captions import Caption, DecodingOptions, Hypothesis, ImageCaptioning
 from .checks import shown
 from .decoding import decode
-from .devices import autocast, resolve_device, resolve_precision
+from .devices import autocast, ieee_convolutions, resolve_device, resolve_precision
 from .ensemble import Ensemble, check_members, read_members
 from .encoders import AUTO_PRECISION, EncoderSpec, ImageEncoder, build_encoder
 from .images import ImageError, load_image, to_rgb
@@ -161,7 +161,7 @@ class Captioner(ImageCaptioning):
         preprocessing (done on the CPU; the pixels are then moved)."""
         pixels = torch.stack([self.encoder.preprocess(to_rgb(im)) for im in images])  # (B, 3, S, S)
         pixels = pixels.to(self.device, non_blocking=True)
-        with autocast(self.device, self.encoder_precision):
+        with autocast(self.device, self.encoder_precision), ieee_convolutions(self.device, self.encoder_precision):
             return self.encoder(pixels)
 
     def _to_pil(self, item: ImageInput) -> Image.Image:

@@ -75,6 +75,22 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
+@contextlib.contextmanager
+def ieee_convolutions(device: torch.device, precision: str):
+    """fp32 that is fp32 on CUDA: cuDNN convolutions without TF32 (a 10-bit mantissa, as coarse as the float16
+    feature store), so that a grid computed on a GPU, for the store or for a photo being captioned, equals the
+    CPU's up to rounding. benchmarks/gpu.py's extract section measures what it costs."""
+    if device.type != "cuda" or precision != "fp32":
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
 def describe(device: torch.device) -> str:
     """"cuda:0 (NVIDIA H200)" or "cpu (2 threads)", for logs."""
     if device.type == "cuda":

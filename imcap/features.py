@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .devices import autocast, resolve_device, resolve_precision
+from .devices import autocast, ieee_convolutions, resolve_device, resolve_precision
 from .distributed import Distributed
 from .encoders import AUTO_PRECISION, OUTPUT_MAX, EncoderSpec, ImageEncoder, build_encoder
 from .fileio import remove_stale_temporaries, write_bytes_atomic, write_error, write_json_atomic
@@ -308,22 +308,6 @@ def _prefetch(fn: Callable, items: Iterable, depth: int = 2, workers: int = 1) -
 
 
 @contextmanager
-def _ieee_convolutions(device: torch.device, precision: str):
-    """fp32 that is fp32 on CUDA: cuDNN convolutions without TF32 (10-bit mantissa, as coarse as the float16
-    store), so that a store made on a GPU holds the CPU's grid up to the store's rounding. What it costs is not
-    measured yet (benchmarks/gpu.py's extract section times the CNN against decoding a JPEG on the CPU)."""
-    if device.type != "cuda" or precision != "fp32":
-        yield
-        return
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
-
-
-@contextmanager
 def _torch_threads(n: int | None):
     old = torch.get_num_threads()
     if n:
@@ -452,7 +436,7 @@ def extract_features(
     pin, workers = device.type == "cuda", _decode_threads(device)
     batches = _prefetch(lambda rows: _load_batch(rows, paths, encoder.preprocess, pin), chunks, 2 * workers, workers)
     rows = _Rows(data_file(path, index), index)
-    with (_torch_threads(threads) as n_threads, _ieee_convolutions(device, precision), bar, closing(batches),
+    with (_torch_threads(threads) as n_threads, ieee_convolutions(device, precision), bar, closing(batches),
           closing(rows)):
         encoded, waited = _run(encoder, batches, rows, status, commit, bar, precision)
     seconds = time.perf_counter() - start

@@ -32,7 +32,9 @@ def loss_and_grads(model, batch):
     loss, _ = caption_loss(logits, captions[:, 1:], alphas, lengths)
     model.zero_grad()
     loss.backward()
-    return logits.detach().cpu(), loss.item(), {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}
+    # clones: on the CPU .cpu() returns the gradient itself, which model.to(device) then moves in place
+    grads = {k: p.grad.cpu().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return logits.detach().cpu().clone(), loss.item(), grads
 
 
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from imcap.devices import autocast, resolve_device, resolve_precision
+from imcap.devices import autocast, ieee_convolutions, resolve_device, resolve_precision
 
 
 def test_auto_is_the_cpu_without_cuda_and_cpu_is_the_cpu(monkeypatch):
@@ -55,3 +55,16 @@ def test_autocast_is_bf16_on_the_cpu_and_nothing_for_fp32():
         assert (a @ b).dtype == torch.bfloat16
     with autocast(torch.device("cpu"), "fp32"):
         assert (a @ b).dtype == torch.float32
+
+
+@pytest.mark.parametrize("device,precision,inside", [("cuda", "fp32", False), ("cuda", "bf16", True), ("cpu", "fp32", True)])
+def test_fp32_convolutions_on_cuda_are_ieee_and_the_setting_comes_back(device, precision, inside):
+    # cuDNN's default TF32 convolutions give another grid than the CPU's and the store's (benchmarks/gpu.py)
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with ieee_convolutions(torch.device(device), precision):
+            assert torch.backends.cudnn.allow_tf32 is inside
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
