@@ -17,6 +17,8 @@ Sections (each one's failure is recorded and the others still run):
     extract   EfficientNet-Lite0 at 224 px, fp32 (as imcap extracts), TF32 and bf16 channels-last (images/s,
               grid difference from fp32), and the
               CPU time to decode and resize a COCO-sized JPEG (the share of extraction spent decoding)
+    profile   one training step at the flickr8k preset's shapes under torch.profiler: wall time against the device's
+              busy time (kernels and copies summed) and the ops launched per step
     feed      the Trainer itself on a synthetic feature store (random 7 x 7 x 1280 features on disk, the flickr8k
               preset's model at batch 128): the share of step time the training thread waits for batches, with
               and without the feeding thread
@@ -191,6 +193,34 @@ def section_coco(args, device: torch.device) -> dict:
     return out
 
 
+def section_profile(args, device: torch.device) -> dict:
+    """Where one training step's wall time goes at the flickr8k preset's shapes (batch 128, bf16 on CUDA): the
+    device's busy time (kernels and copies, summed) against the wall time, and the kernels launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    setup = COCO_SETUP if not args.quick else TrainSetup(ModelConfig(vocab_size=500, feature_dim=64), 16, 16)
+    batch = [x.to(device) for x in train_batches(setup, per_image=1, n=1)[0]]
+    torch.manual_seed(0)
+    model = ShowAttendTell(setup.config).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=4e-4, fused=True)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    step = train_step_fn(model, optimizer, batch, device, precision)
+    steps = 5 if not args.quick else 2
+    wall = timed(step, device, steps)  # without the profiler, which adds to every op's CPU time
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.time_range.elapsed_us() for e in events) / 1e6 / steps
+    out = {"batch": setup.batch, "precision": precision, "wall_step_s": round(wall, 5),
+           "device_busy_s": round(busy, 5), "device_busy_share": round(busy / wall, 3) if device.type == "cuda" else None,
+           "device_ops_per_step": round(len(events) / steps), "steps": steps}
+    out["cpu_ops_per_step"] = round(sum(1 for e in prof.events() if e.device_type.name == "CPU") / steps)
+    return out
+
+
 def section_beam(args, device: torch.device) -> dict:
     n = 5000 if not args.quick else 40
     model = decoding_model().to(device)
@@ -318,7 +348,7 @@ def section_feed(args, device: torch.device) -> dict:
 
 
 SECTIONS = {"tests": section_tests, "parity": section_parity, "train": section_train, "coco": section_coco,
-            "beam": section_beam, "extract": section_extract, "feed": section_feed}
+            "beam": section_beam, "extract": section_extract, "feed": section_feed, "profile": section_profile}
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -367,6 +397,11 @@ def table(sections: dict) -> list[str]:
                 add("extract lite0 224", variant, f"{v['images_per_s']:,} images/s, grid diff {v['grid_max_abs_diff']}")
             add("extract JPEG decode", f"{r['jpeg_decode_ms_per_image']} ms/image on one core",
                 f"{r['decode_share_one_thread']:.0%} of time on one thread, {r['decode_share_all_cores']:.0%} on {r['cores']} cores")
+        elif name == "profile":
+            busy = f"{r['device_busy_share']:.0%} of it" if r["device_busy_share"] is not None else "n/a"
+            add(f"profile batch {r['batch']}", f"one training step, {r['precision']}",
+                f"{r['wall_step_s'] * 1000:.1f} ms wall, device busy {r['device_busy_s'] * 1000:.1f} ms ({busy}), "
+                f"{r['device_ops_per_step']:,} device ops, {r['cpu_ops_per_step']:,} CPU ops")
         elif name == "feed":
             for variant, label in (("inline", "batches read in the step"), ("prefetch", "feeding thread")):
                 v = r[variant]

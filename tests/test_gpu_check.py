@@ -15,7 +15,7 @@ def test_the_gpu_check_runs_on_the_cpu_and_reports_every_section(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert set(sections) == {"tests", "parity", "train", "coco", "beam", "extract", "feed"}
+    assert set(sections) == {"tests", "parity", "train", "coco", "beam", "extract", "feed", "profile"}
     assert not [name for name, r in sections.items() if "error" in r]
     assert sections["tests"]["ok"] and "passed" in sections["tests"]["summary"]
     assert sections["parity"]["fp32_logits_max_abs_diff"] == 0.0  # the CPU against itself
@@ -25,4 +25,6 @@ def test_the_gpu_check_runs_on_the_cpu_and_reports_every_section(tmp_path):
     assert sections["coco"]["fp32"]["epoch_minutes"] > 0 and sections["beam"]["images_per_s"] > 0
     assert 0 < sections["extract"]["decode_share_one_thread"] < 1
     assert all(0 <= sections["feed"][v]["data_wait_share"] < 1 for v in ("inline", "prefetch"))
+    assert sections["profile"]["wall_step_s"] > 0 and sections["profile"]["cpu_ops_per_step"] > 0
+    assert sections["extract"]["tf32"]["images_per_s"] > 0 and sections["coco"]["larger_batches"]
     assert report["table"][0].startswith("imcap GPU check") and any("beam k=3" in line for line in report["table"])
