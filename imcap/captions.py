@@ -27,6 +27,7 @@ class DecodingOptions:
     length_penalty: float = 0.0  # score = log p / ((5 + L) / 6) ** length_penalty (0: plain log p)
     n_best: int = 1  # hypotheses returned per image (<= beam_size)
     allow_unk: bool = False  # False: <unk> is never chosen (captions shown to people); True: as the model ranks it
+    no_repeat_ngram: int = 0  # n >= 2: no caption repeats a run of n words (0: off)
 
     def __post_init__(self):
         for name, value, high in (("beam size", self.beam_size, MAX_BEAM_SIZE), ("max length", self.max_length, MAX_LENGTH)):
@@ -36,6 +37,8 @@ class DecodingOptions:
             raise ValueError(f"n-best must be between 1 and the beam size ({self.beam_size}), got {str(self.n_best)[:40]}")
         if not isinstance(self.length_penalty, (int, float)) or not 0 <= self.length_penalty <= MAX_LENGTH_PENALTY:
             raise ValueError(f"length penalty must be from 0 to {MAX_LENGTH_PENALTY}, got {str(self.length_penalty)[:40]}")
+        if not is_int(self.no_repeat_ngram) or not (self.no_repeat_ngram == 0 or 2 <= self.no_repeat_ngram <= MAX_LENGTH):
+            raise ValueError(f"no-repeat n-gram size must be 0 (off) or from 2 to {MAX_LENGTH}, got {str(self.no_repeat_ngram)[:40]}")
 
 
 def is_int(value) -> bool:
@@ -91,13 +94,14 @@ class ImageCaptioning:
 
     def caption(self, images: ImageInput | Sequence[ImageInput], *, beam_size: int = 3, max_length: int = 30,
                 length_penalty: float = 0.0, n_best: int = 1, batch_size: int = 16, allow_unk: bool = False,
-                options: DecodingOptions | None = None):
+                no_repeat_ngram: int = 0, options: DecodingOptions | None = None):
         """Caption one image (returns a Caption; raises ImageError if unreadable) or a list of them
         (returns a list of Captions, with `error` set for the ones that could not be read).
         allow_unk: let the search choose <unk> (for research; captions shown to people never have it).
+        no_repeat_ngram: n >= 2 keeps any n words in a row from appearing twice in a caption (0: off).
         options: all the search settings as one DecodingOptions (what the CLI and the server pass); when given,
         the keyword settings are not used."""
-        options = options or DecodingOptions(beam_size, max_length, length_penalty, n_best, allow_unk)
+        options = options or DecodingOptions(beam_size, max_length, length_penalty, n_best, allow_unk, no_repeat_ngram)
         if not isinstance(images, (list, tuple)):
             result = self._caption_batch([images], options, 0)[0]
             if result.error:

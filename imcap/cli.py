@@ -262,7 +262,8 @@ def _decoding(a):
 
     try:
         return DecodingOptions(beam_size=a.beam, max_length=a.max_length, length_penalty=a.length_penalty,
-                               n_best=getattr(a, "n_best", 1), allow_unk=a.allow_unk)
+                               n_best=getattr(a, "n_best", 1), allow_unk=a.allow_unk,
+                               no_repeat_ngram=a.no_repeat_ngram)
     except ValueError as e:  # e.g. --n-best over --beam
         raise UsageError(str(e)) from None
 
@@ -343,7 +344,7 @@ def _onnx_captioner(a):
     if a.precision not in ("auto", "fp32"):
         raise UsageError(f"--runtime onnx computes in fp32: drop --precision {a.precision}")
     try:
-        options = DecodingOptions(a.beam, a.max_length, a.length_penalty, a.n_best, a.allow_unk)
+        options = DecodingOptions(a.beam, a.max_length, a.length_penalty, a.n_best, a.allow_unk, a.no_repeat_ngram)
     except ValueError as e:  # e.g. --n-best over --beam
         raise UsageError(str(e)) from None
     omp = os.environ.get("OMP_NUM_THREADS", "")  # onnxruntime does not read it: passed on as torch would take it
@@ -573,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GNMT length penalty exponent (0: none)")
         s.add_argument("--allow-unk", action="store_true", help="let the search choose <unk> (research: the "
                        "model's own ranking); by default <unk> is never chosen")
+        s.add_argument("--no-repeat-ngram", type=_count(0, MAX_LENGTH), default=0, metavar="N",
+                       help="never repeat a run of N words within a caption (e.g. 3; 0, the default: off)")
         s.add_argument("--json", action="store_true", help="machine-readable output")
         s.add_argument("--ensemble", nargs="+", default=[], metavar="RUN_DIR",
                        help="decode with these runs too, averaging the models' word probabilities (same "

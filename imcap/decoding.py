@@ -52,13 +52,15 @@ def length_normalize(log_prob: torch.Tensor, length: torch.Tensor | int, penalty
 def decode(model: Decoder, features: torch.Tensor, options: DecodingOptions = DecodingOptions()) -> list[list[Hypothesis]]:
     """Caption a batch of feature grids (B, P, D); returns n_best hypotheses per image, best first."""
     if options.beam_size == 1:
-        return [[h] for h in greedy_search(model, features, options.max_length, options.allow_unk)]
+        return [[h] for h in greedy_search(model, features, options.max_length, options.allow_unk, options.no_repeat_ngram)]
     return beam_search(model, features, options)
 
 
 @torch.inference_mode()
-def greedy_search(model: Decoder, features: torch.Tensor, max_length: int = 30, allow_unk: bool = False) -> list[Hypothesis]:
-    """Take the most probable word at each step (never <unk> unless allow_unk) until <end> or max_length words.
+def greedy_search(model: Decoder, features: torch.Tensor, max_length: int = 30, allow_unk: bool = False,
+                  no_repeat_ngram: int = 0) -> list[Hypothesis]:
+    """Take the most probable word at each step (never <unk> unless allow_unk, nor a word that repeats an n-gram
+    of the caption with no_repeat_ngram = n) until <end> or max_length words.
 
     Rows of images whose caption has ended are dropped from the batch (see COMPACT_SHARE), so that later
     steps cost only the images still writing.
@@ -75,11 +77,14 @@ def greedy_search(model: Decoder, features: torch.Tensor, max_length: int = 30, 
     lengths = torch.full((B,), L, device=device)  # (B,) unfinished captions keep max_length words
     out_tokens = torch.zeros(L + 1, B, dtype=torch.long, device=device)  # (T, B) word of each image at each step
     out_alphas = features.new_zeros(L + 1, B, features.size(1), dtype=dtype)  # (T, B, P)
+    words = torch.zeros(B, 0, dtype=torch.long, device=device)  # (A, t) each row's words so far (no_repeat_ngram)
     for t in range(L + 1):  # max_length words, then one last chance for <end>
         lp, state, alpha = model.step(tokens, state, memory)  # (A, V), state, (A, P)
         lp, alpha = lp.to(dtype), alpha.to(dtype)  # bf16/fp16 under autocast: the sums are kept in fp32
         if not allow_unk:
             lp[:, UNK] = float("-inf")
+        if no_repeat_ngram:
+            block_repeats(lp, words, no_repeat_ngram)
         best_lp, tokens = lp.max(dim=1)  # (A,)
         ended = tokens == END
         take = ~done & (ended | (t < L))
@@ -88,18 +93,32 @@ def greedy_search(model: Decoder, features: torch.Tensor, max_length: int = 30, 
         done |= ended
         out_tokens[t].index_copy_(0, live, tokens)
         out_alphas[t].index_copy_(0, live, alpha)
+        if no_repeat_ngram:
+            words = torch.cat([words, tokens.unsqueeze(1)], 1)
         n_done = int(done.sum())
         if n_done == done.numel():
             break
         if n_done >= COMPACT_SHARE * done.numel():  # drop the rows of ended captions
             keep = (~done).nonzero().squeeze(1)  # (A',)
-            live, tokens, done = live[keep], tokens[keep], done[keep]
+            live, tokens, done, words = live[keep], tokens[keep], done[keep], words[keep]
             state = _rows(state, keep)
             memory, buffers = _image_rows(image_memory, live, buffers)
     seq = out_tokens[: t + 1].T.cpu().tolist()  # (B, T), one copy from the device, not one per image
     alphas = out_alphas[: t + 1].transpose(0, 1).cpu()  # (B, T, P)
     lengths, log_probs = lengths.tolist(), log_probs.tolist()
     return [Hypothesis(seq[b][: lengths[b]], log_probs[b], log_probs[b], alphas[b, : lengths[b]].clone()) for b in range(B)]
+
+
+def block_repeats(lp: torch.Tensor, words: torch.Tensor, n: int) -> None:
+    """Set lp[r, w] = -inf (in place) wherever word w after row r's words would repeat an n-gram they hold.
+    lp: (R, V) next-word log probabilities; words: (R, t) each row's words so far (without <start>); n >= 2."""
+    t = words.size(1)
+    if t < n:  # no complete n-gram yet
+        return
+    prefix = words[:, t - n + 1:]  # (R, n-1) the last n-1 words
+    windows = words[:, : t - 1].unfold(1, n - 1, 1)  # (R, t-n+1, n-1) the earlier (n-1)-grams that have a next word
+    row, at = (windows == prefix.unsqueeze(1)).all(2).nonzero(as_tuple=True)  # (H,), (H,) each earlier match
+    lp[row, words[row, at + n - 1]] = float("-inf")  # the word that followed it
 
 
 # The rows of images that are done are dropped from the batch once they are at least this share of it.
@@ -183,6 +202,7 @@ def beam_search(model: Decoder, features: torch.Tensor, options: DecodingOptions
     pool = ([torch.full((B, K), neg_inf, dtype=dtype, device=device) for _ in range(2)]
             + [torch.zeros(B, K, dtype=torch.long, device=device) for _ in range(3)])
     final = [p.clone() for p in pool]  # (B, K) each: the pools of images dropped from the batch
+    words = torch.zeros(B, 0, dtype=torch.long, device=device)  # (A * W, t) each row's words (no_repeat_ngram only)
 
     def add_to_pool(*candidates):  # (A, J) each, in the order of pool; -inf scores are not candidates
         nonlocal pool
@@ -198,6 +218,8 @@ def beam_search(model: Decoder, features: torch.Tensor, options: DecodingOptions
         lp, alpha = lp.to(dtype), alpha.to(dtype)  # bf16/fp16 under autocast: the beams' sums are kept in fp32
         if not options.allow_unk:
             lp[:, UNK] = neg_inf
+        if options.no_repeat_ngram:
+            block_repeats(lp, words, options.no_repeat_ngram)
         A, V, W = beam_lp.size(0), lp.size(1), 1 if t == 0 else K
         hist_alpha[t].index_copy_(0, live, alpha.view(A, W, P).expand(A, K, P))
         total = beam_lp.unsqueeze(2) + lp.view(A, W, V)  # (A, K, V); at step 0 all but slot 0 are -inf
@@ -231,6 +253,8 @@ def beam_search(model: Decoder, features: torch.Tensor, options: DecodingOptions
             memory, buffers = _image_rows(image_memory, live, buffers)  # (A') rows
         state = _rows(state, rows.flatten())
         tokens = word.flatten()
+        if options.no_repeat_ngram:
+            words = torch.cat([words.index_select(0, rows.flatten()), tokens.unsqueeze(1)], 1)  # (A' * K, t + 1)
 
     open_ = ~done.unsqueeze(1) & (beam_lp > neg_inf)  # (A, K) beams that never ended (t == L)
     if bool(open_.any()):

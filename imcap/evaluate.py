@@ -36,7 +36,7 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
              captioner: Captioner | None = None, device: str | torch.device = "auto", precision: str = "auto") -> dict:
     """Scores (BLEU-1..4, METEOR, ROUGE_L, CIDEr) of RUN_DIR's best checkpoint on DATA_DIR's `split`.
 
-    Writes RUN_DIR/eval/<split>-beam<K>[-lp<X>][-unk][-ensemble-<runs>].results.json (COCO results format) and
+    Writes RUN_DIR/eval/<split>-beam<K>[-lp<X>][-unk][-norepeat<N>][-ensemble-<runs>].results.json (COCO results format) and
     .scores.json beside it (./eval/NAME/ for a packaged model); an ensemble captioner (Captioner.load_ensemble)
     scores in its first run's folder.
     device, precision: where and how the search runs (Captioner.load's); a given captioner keeps its own.
@@ -74,7 +74,7 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     out = Path("eval") / str(run_dir) if resolve_packaged(run_dir) is not None else Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"{split}-beam{options.beam_size}" + (f"-lp{options.length_penalty:g}" if options.length_penalty else "")
-            + ("-unk" if options.allow_unk else ""))
+            + ("-unk" if options.allow_unk else "") + (f"-norepeat{options.no_repeat_ngram}" if options.no_repeat_ngram else ""))
     if "ensemble" in captioner.meta and read_members(run_dir) is None:  # --ensemble: name the others
         stem += "-ensemble-" + "-".join(member_names(captioner.meta["ensemble"][1:], here=run_dir))
     write_coco_results(out / f"{stem}.results.json", hyps)

@@ -97,14 +97,15 @@ def decode(decoder: OnnxDecoder, features: np.ndarray, options: DecodingOptions 
     if features.shape[0] == 0:
         return []
     if options.beam_size == 1:
-        return [[h] for h in greedy_search(decoder, features, options.max_length, options.allow_unk)]
+        return [[h] for h in greedy_search(decoder, features, options.max_length, options.allow_unk, options.no_repeat_ngram)]
     return beam_search(decoder, features, options)
 
 
 def greedy_search(decoder: OnnxDecoder, features: np.ndarray, max_length: int = 30,
-                  allow_unk: bool = False) -> list[Hypothesis]:
-    """Take the most probable word at each step (never <unk> unless allow_unk) until <end> or max_length words;
-    the rows of images whose caption has ended are dropped from the batch (COMPACT_SHARE)."""
+                  allow_unk: bool = False, no_repeat_ngram: int = 0) -> list[Hypothesis]:
+    """Take the most probable word at each step (never <unk> unless allow_unk, nor a word that repeats an n-gram
+    of the caption with no_repeat_ngram = n) until <end> or max_length words; the rows of images whose caption
+    has ended are dropped from the batch (COMPACT_SHARE)."""
     B, L = features.shape[0], max_length
     image_memory, state = decoder.attend(features)  # (B) rows each
     memory = image_memory  # (A) rows: the images still in the batch
@@ -115,10 +116,13 @@ def greedy_search(decoder: OnnxDecoder, features: np.ndarray, max_length: int = 
     lengths = np.full(B, L)  # (B,) unfinished captions keep max_length words
     out_tokens = np.zeros((L + 1, B), dtype=np.int64)  # (T, B) word of each image at each step
     out_alphas = np.zeros((L + 1, B, features.shape[1]), dtype=np.float32)  # (T, B, P)
+    words = np.zeros((B, 0), dtype=np.int64)  # (A, t) each row's words so far (no_repeat_ngram)
     for t in range(L + 1):  # max_length words, then one last chance for <end>
         lp, state, alpha = decoder.step(tokens, state, memory)  # (A, V), state, (A, P)
         if not allow_unk:
             lp[:, UNK] = -np.inf
+        if no_repeat_ngram:
+            block_repeats(lp, words, no_repeat_ngram)
         tokens = lp.argmax(axis=1)  # (A,)
         best_lp = lp[np.arange(tokens.size), tokens]  # (A,)
         ended = tokens == END
@@ -128,12 +132,14 @@ def greedy_search(decoder: OnnxDecoder, features: np.ndarray, max_length: int = 
         done |= ended
         out_tokens[t, live] = tokens
         out_alphas[t, live] = alpha
+        if no_repeat_ngram:
+            words = np.concatenate([words, tokens[:, None]], 1)
         n_done = int(done.sum())
         if n_done == done.size:
             break
         if n_done >= COMPACT_SHARE * done.size:  # drop the rows of ended captions
             keep = np.flatnonzero(~done)  # (A',)
-            live, tokens, done = live[keep], tokens[keep], done[keep]
+            live, tokens, done, words = live[keep], tokens[keep], done[keep], words[keep]
             state, memory = _rows(state, keep), _rows(image_memory, live)
     seq = out_tokens[: t + 1].T.tolist()  # (B, T)
     alphas = out_alphas[: t + 1].transpose(1, 0, 2)  # (B, T, P)
@@ -171,6 +177,7 @@ def beam_search(decoder: OnnxDecoder, features: np.ndarray, options: DecodingOpt
     # finished hypotheses, best first: score, log p, last step, slot extended at the last step, last word
     pool = [np.full((B, K), neg_inf, dtype=np.float32) for _ in range(2)] + [np.zeros((B, K), np.int64) for _ in range(3)]
     final = [p.copy() for p in pool]  # (B, K) each: the pools of images dropped from the batch
+    words = np.zeros((B, 0), dtype=np.int64)  # (A * W, t) each row's words (no_repeat_ngram only)
 
     def add_to_pool(*candidates):  # (A, J) each, in the order of pool; -inf scores are not candidates
         nonlocal pool
@@ -185,6 +192,8 @@ def beam_search(decoder: OnnxDecoder, features: np.ndarray, options: DecodingOpt
         lp, state, alpha = decoder.step(tokens, state, memory)  # (A*W, V), state, (A*W, P)
         if not options.allow_unk:
             lp[:, UNK] = neg_inf
+        if options.no_repeat_ngram:
+            block_repeats(lp, words, options.no_repeat_ngram)
         A, V, W = beam_lp.shape[0], lp.shape[1], 1 if t == 0 else K
         hist_alpha[t, live] = np.broadcast_to(alpha.reshape(A, W, P), (A, K, P))
         total = beam_lp[:, :, None] + lp.reshape(A, W, V)  # (A, K, V); at step 0 all but slot 0 are -inf
@@ -217,6 +226,8 @@ def beam_search(decoder: OnnxDecoder, features: np.ndarray, options: DecodingOpt
             memory = _rows(image_memory, live)  # (A') rows
         state = _rows(state, rows.reshape(-1))
         tokens = word.reshape(-1)
+        if options.no_repeat_ngram:
+            words = np.concatenate([words[rows.reshape(-1)], tokens[:, None]], 1)  # (A' * K, t + 1)
 
     open_ = ~done[:, None] & (beam_lp > neg_inf)  # (A, K) beams that never ended (t == L)
     if open_.any():
@@ -247,6 +258,17 @@ def beam_search(decoder: OnnxDecoder, features: np.ndarray, options: DecodingOpt
             hyps.append(Hypothesis(seq[b, j, :n].tolist(), float(log_prob[b, j]), float(score[b, j]), alphas[b, j, :n].copy()))
         results.append(hyps)
     return results
+
+
+def block_repeats(lp: np.ndarray, words: np.ndarray, n: int) -> None:
+    """decoding.block_repeats in numpy: lp[r, w] = -inf (in place) wherever word w after row r's words
+    (R, t) would repeat an n-gram they hold."""
+    t = words.shape[1]
+    if t < n:
+        return
+    windows = np.lib.stride_tricks.sliding_window_view(words[:, : t - 1], n - 1, axis=1)  # (R, t-n+1, n-1)
+    row, at = np.nonzero((windows == words[:, None, t - n + 1:]).all(2))  # each earlier match of the last n-1
+    lp[row, words[row, at + n - 1]] = -np.inf  # the word that followed it
 
 
 def _rows(arrays: Arrays, index: np.ndarray) -> Arrays:

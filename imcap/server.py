@@ -94,12 +94,14 @@ class CaptionOptions(BaseModel):
     n_best: int = Field(description="captions returned per image, best first")
     max_length: int = Field(description="maximum words per caption")
     length_penalty: float = Field(description="GNMT length penalty exponent (0: none)")
+    no_repeat_ngram: int = Field(0, description="n >= 2: no run of n words appears twice in a caption (0: off)")
     attention: bool = Field(description="attention grids included")
     overlays: bool = Field(description="heat-map overlay images included")
 
     def search(self) -> DecodingOptions:
         """The search settings of these options (the request's, already within the limits)."""
-        return DecodingOptions(self.beam_size, self.max_length, self.length_penalty, self.n_best)
+        return DecodingOptions(self.beam_size, self.max_length, self.length_penalty, self.n_best,
+                               no_repeat_ngram=self.no_repeat_ngram)
 
 
 class Candidate(BaseModel):
@@ -575,6 +577,8 @@ def create_app(captioner: Captioner, *, max_upload_bytes: int = 10_000_000, max_
         n_best: Annotated[int, Form(ge=1, le=MAX_BEAM_SIZE, description="captions per image (<= beam_size)")] = 1,
         max_length: Annotated[int, Form(ge=1, le=MAX_LENGTH, description="maximum words per caption")] = 30,
         length_penalty: Annotated[float, Form(ge=0, le=MAX_LENGTH_PENALTY, description="GNMT length penalty exponent")] = 0.0,
+        no_repeat_ngram: Annotated[int, Form(ge=0, le=MAX_LENGTH, description="n >= 2: no run of n words twice in "
+                                             "a caption (0: off)")] = 0,
         attention: Annotated[bool, Form(description="include the per-word attention grids (numbers)")] = False,
         overlays: Annotated[bool, Form(description="include per-word heat-map overlays (PNG data URLs)")] = False,
     ) -> CaptionsResponse | JSONResponse:
@@ -584,10 +588,12 @@ def create_app(captioner: Captioner, *, max_upload_bytes: int = 10_000_000, max_
         `max_overlay_images` images or more than `max_overlays` PNGs, an estimated reply over `max_reply_bytes`."""
         if n_best > beam_size:
             raise HTTPException(422, f"n_best: must be at most beam_size ({beam_size}), got {n_best}")
+        if no_repeat_ngram == 1:
+            raise HTTPException(422, f"no_repeat_ngram: must be 0 (off) or from 2 to {MAX_LENGTH}, got 1")
         if len(images) > max_images:
             raise HTTPException(422, f"images: too many ({len(images)}); at most {max_images} per request")
-        options = CaptionOptions(beam_size=beam_size, n_best=n_best, max_length=max_length,
-                                 length_penalty=length_penalty, attention=attention, overlays=overlays)
+        options = CaptionOptions(beam_size=beam_size, n_best=n_best, max_length=max_length, length_penalty=length_penalty,
+                                 no_repeat_ngram=no_repeat_ngram, attention=attention, overlays=overlays)
         refusal = over_limits(len(images), options, limits, grid)
         if refusal is not None:
             raise HTTPException(422, refusal)

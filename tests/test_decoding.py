@@ -91,6 +91,7 @@ def test_length_penalty_prefers_longer_captions():
     (dict(max_length=1_000_000_000), "max length must be an integer from 1 to 60"),
     (dict(beam_size=2, n_best=3), "n-best must be between 1 and the beam size (2), got 3"),
     (dict(length_penalty=float("nan")), "length penalty must be from 0 to 5.0"),
+    (dict(no_repeat_ngram=1), "no-repeat n-gram size must be 0 (off) or from 2 to 60, got 1"),
 ])
 def test_options_are_validated_with_the_bounds_of_the_http_api(options, words):
     with pytest.raises(ValueError) as e:
@@ -144,7 +145,7 @@ def stub_features(lengths):
 
 
 @torch.no_grad()
-def reference_search(model, features, beam_size, max_length, length_penalty=0.0):
+def reference_search(model, features, beam_size, max_length, length_penalty=0.0, no_repeat_ngram=0):
     """The rule of beam_search, written plainly: one image at a time, every hypothesis stepped on its own
     (a batch of one row), hypotheses as Python lists. Returns all (up to beam_size) hypotheses per image."""
     K, L = beam_size, max_length
@@ -159,6 +160,8 @@ def reference_search(model, features, beam_size, max_length, length_penalty=0.0)
                 lp, next_state, alpha = model.step(torch.tensor([words[-1] if words else START]), state, memory)
                 for v in range(lp.size(1)):
                     if v == UNK:  # never chosen (DecodingOptions.allow_unk False)
+                        continue
+                    if no_repeat_ngram and repeats_an_ngram(words + [v], no_repeat_ngram):
                         continue
                     candidates.append((lp_beam + lp[0, v], words + [v], alphas + [alpha[0]], next_state))
             candidates = sorted(candidates, key=lambda c: -float(c[0]))[: 2 * K]
@@ -175,6 +178,11 @@ def reference_search(model, features, beam_size, max_length, length_penalty=0.0)
         finished = sorted(finished, key=lambda h: -float(h[0]))[:K]
         results.append([decoding.Hypothesis(w, float(lp), float(s), torch.stack(a)) for s, lp, w, a in finished])
     return results
+
+
+def repeats_an_ngram(words, n):
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)
 
 
 # lengths from 1 word to never ending (> max_length 12): images finish at very different steps
@@ -208,6 +216,35 @@ def test_batched_search_equals_plain_reference(beam, penalty, share, monkeypatch
     if beam == 1:  # decode's greedy search: the same words, log p and alphas; its score is log p
         want = [[decoding.Hypothesis(h.tokens, h.log_prob, h.log_prob, h.alphas) for h in image] for image in want]
     assert_same(best, [image[:1] for image in want])
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1])
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_no_repeat_ngram_bans_exactly_the_words_that_repeat_one(beam, n, share, monkeypatch):
+    """With no_repeat_ngram n the batched searches find what the plain search finds when it skips every
+    candidate whose last n words occurred before in it; the stub, left alone, repeats n-grams."""
+    monkeypatch.setattr(decoding, "COMPACT_SHARE", share)
+    model, f, L = RowwiseStub(vocab_size=6), stub_features(STUB_LENGTHS), 12
+    plain = decode(model, f, DecodingOptions(beam_size=beam, max_length=L, n_best=beam))
+    assert any(repeats_an_ngram(h.tokens, n) for image in plain for h in image)
+    want = reference_search(model, f, beam, L, no_repeat_ngram=n)
+    options = DecodingOptions(beam_size=beam, max_length=L, n_best=beam, no_repeat_ngram=n)
+    got = beam_search(model, f, options) if beam > 1 else decode(model, f, options)
+    if beam == 1:  # greedy: its score is log p
+        want = [[decoding.Hypothesis(h.tokens, h.log_prob, h.log_prob, h.alphas) for h in image] for image in want]
+    assert_same(got, want)
+    assert not any(repeats_an_ngram(h.tokens, n) for image in got for h in image)
+
+
+def test_block_repeats_bans_the_word_after_each_earlier_occurrence_of_the_last_words():
+    words = torch.tensor([[5, 6, 7, 5, 6], [4, 4, 4, 4, 4], [1, 2, 3, 1, 9]])
+    lp = torch.zeros(3, 10)
+    decoding.block_repeats(lp, words, 3)  # last two words (5 6) came before, followed by 7; (4 4) by 4; (1 9): never
+    assert [torch.isinf(row).nonzero().flatten().tolist() for row in lp] == [[7], [4], []]
+    lp = torch.zeros(3, 10)
+    decoding.block_repeats(lp, words[:, :2], 3)  # two words hold no trigram yet
+    assert not torch.isinf(lp).any()
 
 
 @pytest.mark.parametrize("beam", [1, 2, 3, 5])

@@ -170,6 +170,8 @@ OPTIONS = [
     {"beam_size": 3, "length_penalty": 1.0, "n_best": 3},
     {"beam_size": 5, "n_best": 2, "max_length": 4},  # many cut at max_length: the best unfinished ones
     {"beam_size": 3, "allow_unk": True, "length_penalty": 0.6, "n_best": 2},
+    {"beam_size": 1, "no_repeat_ngram": 2},
+    {"beam_size": 4, "no_repeat_ngram": 2, "n_best": 4, "max_length": 12},
 ]
 
 
@@ -190,6 +192,12 @@ def test_the_numpy_searches_find_the_captions_of_decoding(runs, name, options):
             assert gh.alphas.shape == tuple(wh.alphas.shape)
             np.testing.assert_allclose(gh.alphas, wh.alphas.numpy(), atol=1e-5)
             assert (UNK in gh.tokens) <= options.get("allow_unk", False)
+            assert not options.get("no_repeat_ngram") or not _repeats_a_bigram(gh.tokens)
+
+
+def _repeats_a_bigram(tokens: list[int]) -> bool:
+    pairs = list(zip(tokens, tokens[1:]))
+    return len(set(pairs)) < len(pairs)
 
 
 def test_the_searches_see_finished_unfinished_and_unk_captions(runs):
@@ -200,6 +208,7 @@ def test_the_searches_see_finished_unfinished_and_unk_captions(runs):
     hyps = [h for o in OPTIONS for image in rt.decode(decoder, features, rt.DecodingOptions(**o)) for h in image]
     assert any(h.finished for h in hyps) and any(not h.finished for h in hyps)
     assert any(UNK in h.tokens for h in hyps)
+    assert any(_repeats_a_bigram(h.tokens) for h in hyps)  # what no_repeat_ngram 2 must prevent
 
 
 # ------------------------------------------------------------------------------------------- images to captions

@@ -79,7 +79,7 @@ def test_one_image_gets_a_caption_with_tokens_and_score(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["options"] == {"beam_size": 3, "n_best": 1, "max_length": 5, "length_penalty": 0.0,
-                               "attention": False, "overlays": False}
+                               "no_repeat_ngram": 0, "attention": False, "overlays": False}
     assert body["grid"] == [2, 2]
     [result] = body["results"]
     assert result["status"] == 200 and result["error"] is None and result["filename"] == "scene.png"
@@ -154,12 +154,23 @@ def test_a_request_where_every_image_is_bad_fails_with_415_or_422(client, files,
     ({"length_penalty": -1}, "length_penalty"),
     ({"n_best": 0}, "n_best"),
     ({"beam_size": 2, "n_best": 3}, "n_best"),
+    ({"no_repeat_ngram": 1}, "no_repeat_ngram"),
+    ({"no_repeat_ngram": 61}, "no_repeat_ngram"),
     ({"attention": "maybe"}, "attention"),
 ])
 def test_options_out_of_range_are_422_with_a_message(client, options, field):
     r = post(client, [("a.png", png(), "image/png")], **options)
     assert r.status_code == 422, r.text
     assert r.json()["error"].startswith(f"{field}: ")
+
+
+def test_no_repeat_ngram_reaches_the_search(client):
+    r = post(client, [("scene.png", png(), "image/png")], beam_size=2, n_best=2, max_length=12, no_repeat_ngram=2)
+    assert r.status_code == 200, r.text
+    assert r.json()["options"]["no_repeat_ngram"] == 2
+    for caption in r.json()["results"][0]["captions"]:
+        pairs = list(zip(caption["tokens"], caption["tokens"][1:]))
+        assert len(set(pairs)) == len(pairs)
 
 
 def test_missing_or_too_many_images_are_422(client):
