@@ -74,9 +74,9 @@ PRESETS: dict[str, Preset] = {
         description="flickr8k on the paper's 14x14 grid: EfficientNet-Lite2 at 448 px, cross-entropy, 7 epochs",
         **_lite2(448, " [--dtype uint8]"), model=_F8K_MODEL, train=_F8K_XE,
     ),
-    # the best single model and the best recipe measured on Flickr8k dev (docs/results.md, Z2' and Z'): flickr8k-scst
-    # on the 14x14 grid, 78 minutes of features and training here; decode with beam 7 and length penalty 2 (CIDEr
-    # 0.605 and 0.591 in two runs), --no-repeat-ngram 3 adding a little
+    # the best single model and the best recipe measured on Flickr8k dev (docs/results.md, Z2'): flickr8k-scst on the
+    # 14x14 grid, 78 minutes of features and training here; decode with beam 7 and length penalty 2 (CIDEr 0.571 to
+    # 0.605 over four SCST runs), --no-repeat-ngram 3 adding a little
     "flickr8k-448-scst": Preset(
         description="flickr8k-448 with embedding size 512 and label smoothing 0.1, then 1 epoch of SCST "
                     "(as flickr8k-scst)",
