@@ -28,6 +28,7 @@ from imcap.encoders import encoder_spec, weights_path  # noqa: E402
 from imcap.images import to_rgb  # noqa: E402
 from imcap.model import ModelConfig, ShowAttendTell  # noqa: E402
 from imcap.text import END, PAD, START, UNK, Vocabulary  # noqa: E402
+from test_decoding import repeats_an_ngram  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "a the red blue green big small circle square triangle is on left right of and".split()
@@ -192,12 +193,7 @@ def test_the_numpy_searches_find_the_captions_of_decoding(runs, name, options):
             assert gh.alphas.shape == tuple(wh.alphas.shape)
             np.testing.assert_allclose(gh.alphas, wh.alphas.numpy(), atol=1e-5)
             assert (UNK in gh.tokens) <= options.get("allow_unk", False)
-            assert not options.get("no_repeat_ngram") or not _repeats_a_bigram(gh.tokens)
-
-
-def _repeats_a_bigram(tokens: list[int]) -> bool:
-    pairs = list(zip(tokens, tokens[1:]))
-    return len(set(pairs)) < len(pairs)
+            assert not options.get("no_repeat_ngram") or not repeats_an_ngram(gh.tokens, 2)
 
 
 def test_the_searches_see_finished_unfinished_and_unk_captions(runs):
@@ -208,7 +204,7 @@ def test_the_searches_see_finished_unfinished_and_unk_captions(runs):
     hyps = [h for o in OPTIONS for image in rt.decode(decoder, features, rt.DecodingOptions(**o)) for h in image]
     assert any(h.finished for h in hyps) and any(not h.finished for h in hyps)
     assert any(UNK in h.tokens for h in hyps)
-    assert any(_repeats_a_bigram(h.tokens) for h in hyps)  # what no_repeat_ngram 2 must prevent
+    assert any(repeats_an_ngram(h.tokens, 2) for h in hyps)  # what no_repeat_ngram 2 must prevent
 
 
 # ------------------------------------------------------------------------------------------- images to captions
